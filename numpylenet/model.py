@@ -1,0 +1,146 @@
+"""LeNet-5 as the seed notebook builds it, assembled from the layers in :mod:`numpylenet.layers`."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from .layers import (AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, Parameter, ReLU,
+                     Sigmoid, Tanh, as_float_dtype)
+
+__all__ = ["LeNet5", "ACTIVATIONS", "POOLS"]
+
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+POOLS = {"avg": AvgPool2d, "max": MaxPool2d}
+INPUT_SHAPE = (1, 32, 32)
+NUM_CLASSES = 10
+
+
+class LeNet5:
+    """LeNet-5 for 32x32 grey images, exactly the seed notebook's network.
+
+    Forward shapes (N images)::
+
+        x      (N, 1, 32, 32)
+        conv1  (N, 6, 28, 28)   5x5 conv, then the activation
+        pool1  (N, 6, 14, 14)   2x2 pooling
+        conv2  (N, 16, 10, 10)  5x5 conv, then the activation
+        pool2  (N, 16, 5, 5)    2x2 pooling
+        conv3  (N, 120, 1, 1)   5x5 conv, then the activation
+        flatten (N, 120)
+        fc1    (N, 84)          then the activation
+        fc2    (N, 10)          the logits (softmax lives in the loss)
+
+    The backward pass runs the layers in reverse, each turning dL/d(output) into dL/d(input).
+
+    All 61,706 parameters live in one contiguous buffer, ``flat_data`` (torch's named order), and
+    their gradients in ``flat_grad``; each Parameter's ``.data`` and ``.grad`` are views into them,
+    so an optimiser can treat the whole model as one array.
+
+    Parameters
+    ----------
+    activation : {"relu", "tanh", "sigmoid"}
+    pool : {"avg", "max"}
+    dtype : float32 or float64
+    seed : int or None, seeds torch-style U(-1/sqrt(fan_in), 1/sqrt(fan_in)) initialisation.
+    """
+
+    def __init__(self, *, activation: str = "relu", pool: str = "avg", dtype=np.float32,
+                 seed: int | None = None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {sorted(POOLS)}, got {pool!r}")
+        self.activation, self.pool, self.dtype = activation, pool, as_float_dtype(dtype)
+        rng = np.random.default_rng(seed)
+        activation_layer, pool_layer = ACTIVATIONS[activation], POOLS[pool]
+        self.conv1 = Conv2d(1, 6, 5, dtype=self.dtype, rng=rng)
+        self.conv2 = Conv2d(6, 16, 5, dtype=self.dtype, rng=rng)
+        self.conv3 = Conv2d(16, 120, 5, dtype=self.dtype, rng=rng)
+        self.fc1 = Linear(120, 84, dtype=self.dtype, rng=rng)
+        self.fc2 = Linear(84, NUM_CLASSES, dtype=self.dtype, rng=rng)
+        self.layers: list[Layer] = [
+            self.conv1, activation_layer(), pool_layer(2),
+            self.conv2, activation_layer(), pool_layer(2),
+            self.conv3, activation_layer(), Flatten(),
+            self.fc1, activation_layer(),
+            self.fc2,
+        ]
+        self._pack_parameters()
+
+    def _pack_parameters(self) -> None:
+        """Move every parameter into one flat buffer (and its gradient into another)."""
+        params = [p for _, p in self.named_parameters()]
+        total = sum(p.data.size for p in params)
+        self.flat_data = np.empty(total, dtype=self.dtype)
+        self.flat_grad = np.zeros(total, dtype=self.dtype)
+        offset = 0
+        for p in params:
+            size, shape = p.data.size, p.data.shape
+            self.flat_data[offset:offset + size] = p.data.ravel()
+            p.data = self.flat_data[offset:offset + size].reshape(shape)
+            p.grad = self.flat_grad[offset:offset + size].reshape(shape)
+            offset += size
+
+    # --- forward and backward ------------------------------------------------------------------
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch: x (N, 1, 32, 32) -> (N, 10)."""
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4 or x.shape[1:] != INPUT_SHAPE:
+            raise ValueError(f"LeNet5 expected a floating-point input of shape (N, 1, 32, 32), "
+                             f"got {x.dtype} array of shape {x.shape}")
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    __call__ = forward
+
+    def backward(self, grad_logits: np.ndarray) -> np.ndarray:
+        """Back-propagate dL/dlogits (N, 10); adds to every ``.grad``; returns dL/dx (N, 1, 32, 32)."""
+        grad = grad_logits
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+        return grad
+
+    # --- parameters ----------------------------------------------------------------------------
+
+    def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
+        """Yield ``(name, Parameter)`` with torch's names and order: conv1.weight ... fc2.bias."""
+        for layer_name in ("conv1", "conv2", "conv3", "fc1", "fc2"):
+            for name, param in getattr(self, layer_name).named_parameters():
+                yield f"{layer_name}.{name}", param
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self) -> None:
+        self.flat_grad.fill(0)
+
+    def num_parameters(self) -> int:
+        return self.flat_data.size
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A copy of every parameter, keyed by torch's names."""
+        return {name: p.data.copy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Copy values into the parameters; keys and shapes must match exactly (else ValueError)."""
+        params = dict(self.named_parameters())
+        missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not match LeNet5: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        for name, param in params.items():
+            value = np.asarray(state[name])
+            if value.shape != param.data.shape:
+                raise ValueError(f"state_dict[{name!r}] has shape {value.shape}, "
+                                 f"expected {param.data.shape}")
+            if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+                raise ValueError(f"state_dict[{name!r}] has non-numeric dtype {value.dtype}")
+        for name, param in params.items():
+            param.data[...] = state[name]
+
+    def __repr__(self) -> str:
+        body = "\n".join(f"  {layer!r}" for layer in self.layers)
+        return f"LeNet5(activation={self.activation!r}, pool={self.pool!r}, dtype={self.dtype})[\n{body}\n]"
