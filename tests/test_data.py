@@ -63,7 +63,8 @@ def test_read_every_type_code(tmp_path, compress):
 
 def test_read_shape_is_c_order(tmp_path):
     content = idx_bytes(0x08, (2, 3, 1, 2), bytes(range(12)))
-    np.testing.assert_array_equal(read_idx(write_bytes(tmp_path / "f", content)), np.arange(12).reshape(2, 3, 1, 2))
+    expected = np.arange(12).reshape(2, 3, 1, 2)
+    np.testing.assert_array_equal(read_idx(write_bytes(tmp_path / "f", content)), expected)
 
 
 def test_read_empty_dimension(tmp_path):
@@ -220,7 +221,8 @@ def test_fuzz_damaged_byte(tmp_path, position, value, compress):
 
 
 @FUZZ
-@given(content=st.binary(max_size=48), prefix=st.sampled_from([b"", b"\x00\x00", b"\x00\x00\x08\x01", b"\x1f\x8b"]))
+@given(content=st.binary(max_size=48),
+       prefix=st.sampled_from([b"", b"\x00\x00", b"\x00\x00\x08\x01", b"\x1f\x8b"]))
 def test_fuzz_arbitrary_bytes(tmp_path, content, prefix):
     result = read_or_format_error(write_bytes(tmp_path / "noise.idx", prefix + content))
     assert result is None or isinstance(result, np.ndarray)
@@ -269,18 +271,19 @@ def make_root(root: Path, images, labels, folder="MNIST", split="train") -> Path
     return root
 
 
-def check_load_error(tmp_path, images, labels, error, match):
-    with pytest.raises(error, match=match):
-        data.load_mnist(make_root(tmp_path, images, labels))
+def check_load_error(tmp_path, image_shape, labels, match, image_dtype=np.uint8, label_dtype=np.uint8):
+    root = make_root(tmp_path, np.zeros(image_shape, image_dtype), np.array(labels, label_dtype))
+    with pytest.raises(ValueError, match=match):
+        data.load_mnist(root)
 
 
 def test_load_mnist_rejects_bad_contents(tmp_path):
-    check_load_error(tmp_path, np.zeros((3, 28, 28), np.uint8), np.array([1, 2, 10], np.uint8), ValueError, "0-9, found 10")
-    check_load_error(tmp_path, np.zeros((3, 28, 28), np.uint8), np.array([1, 2], np.uint8), ValueError, "3 images but")
-    check_load_error(tmp_path, np.zeros((3, 28, 27), np.uint8), np.array([1, 2, 3], np.uint8), ValueError, r"\(N, 28, 28\)")
-    check_load_error(tmp_path, np.zeros((3, 28, 28), np.float32), np.array([1, 2, 3], np.uint8), ValueError, "uint8 images")
-    check_load_error(tmp_path, np.zeros((3, 28, 28), np.uint8), np.array([1, 2, 3], np.int16), ValueError, "uint8 labels")
-    check_load_error(tmp_path, np.zeros((3, 28, 28), np.uint8), np.zeros((3, 1), np.uint8), ValueError, r"\(N,\)")
+    check_load_error(tmp_path, (3, 28, 28), [1, 2, 10], "0-9, found 10")
+    check_load_error(tmp_path, (3, 28, 28), [1, 2], "3 images but")
+    check_load_error(tmp_path, (3, 28, 27), [1, 2, 3], r"\(N, 28, 28\)")
+    check_load_error(tmp_path, (3, 28, 28), [1, 2, 3], "uint8 images", image_dtype=np.float32)
+    check_load_error(tmp_path, (3, 28, 28), [1, 2, 3], "uint8 labels", label_dtype=np.int16)
+    check_load_error(tmp_path, (3, 28, 28), [[1], [2], [3]], r"\(N,\)")
     write_bytes(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte", b"\x00\x00\x08")
     with pytest.raises(IDXFormatError, match="train-labels-idx1-ubyte: file is only 3 bytes"):
         data.load_mnist(tmp_path)
@@ -401,9 +404,11 @@ def test_download_good_file(server, tmp_path):
 
 
 def test_download_failures(server, tmp_path):
-    check_download_fails(server, tmp_path, ["ok"], f"md5 .* does not match the expected {PAYLOAD_MD5}", served=PAYLOAD[::-1])
+    check_download_fails(server, tmp_path, ["ok"], f"md5 .* does not match the expected {PAYLOAD_MD5}",
+                         served=PAYLOAD[::-1])
     check_download_fails(server, tmp_path, ["missing"], "HTTP Error 404")
-    check_download_fails(server, tmp_path, ["drop"], f"connection closed after {len(PAYLOAD) // 2:,} of {len(PAYLOAD):,} bytes")
+    check_download_fails(server, tmp_path, ["drop"],
+                         f"connection closed after {len(PAYLOAD) // 2:,} of {len(PAYLOAD):,} bytes")
     check_download_fails(server, tmp_path, ["missing", "drop"], "(?s)404.*connection closed")
 
 
@@ -412,7 +417,8 @@ def test_download_unreachable_host(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(data.DownloadError, match="(?s)tried:.*127.0.0.1.*mnist-sample"):
-        data.download_file([f"http://127.0.0.1:{port}/file.gz", "not a url"], tmp_path / "f", PAYLOAD_MD5, progress=False)
+        data.download_file([f"http://127.0.0.1:{port}/file.gz", "not a url"], tmp_path / "f", PAYLOAD_MD5,
+                           progress=False)
 
 
 def test_download_falls_back_to_the_next_mirror(server, tmp_path):
@@ -424,8 +430,9 @@ def test_download_falls_back_to_the_next_mirror(server, tmp_path):
 
 def test_interrupted_download_leaves_nothing(server, tmp_path):
     server.files["/file.gz"] = PAYLOAD
-    script = (f"from numpylenet.data import download_file\n"
-              f"download_file([{server.url + '/stall/file.gz'!r}], {str(tmp_path / 'file.gz')!r}, 'x', progress=False)")
+    url, destination = f"{server.url}/stall/file.gz", str(tmp_path / "file.gz")
+    script = ("from numpylenet.data import download_file\n"
+              f"download_file([{url!r}], {destination!r}, 'x', progress=False)")
     child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE)
     try:
         assert server.stalled.wait(30), "the download never started"
@@ -514,7 +521,8 @@ def test_split_rejects_bad_arguments():
 def check_batches(num_items, batch_size, shuffle=True):
     batches = list(data.batch_indices(num_items, batch_size, shuffle=shuffle, rng=np.random.default_rng(5)))
     sizes = [len(batch) for batch in batches]
-    assert sizes == [batch_size] * (num_items // batch_size) + ([num_items % batch_size] if num_items % batch_size else [])
+    full, rest = divmod(num_items, batch_size)
+    assert sizes == [batch_size] * full + ([rest] if rest else [])
     order = np.concatenate(batches) if batches else np.array([], np.int64)
     assert order.dtype == np.int64 and sorted(order.tolist()) == list(range(num_items))
     assert (order.tolist() == list(range(num_items))) == (not shuffle or num_items < 3)
@@ -561,10 +569,12 @@ def torchvision_each(images, transform):
 
 def test_pad_to_matches_center_crop(digits):
     F = torchvision_functional()
-    np.testing.assert_array_equal(data.pad_to(digits), torchvision_each(digits, lambda img, n: F.center_crop(img, 32)))
+    expected = torchvision_each(digits, lambda img, n: F.center_crop(img, 32))
+    np.testing.assert_array_equal(data.pad_to(digits), expected)
     np.testing.assert_array_equal(data.pad_to(digits), torchvision_each(digits, lambda img, n: F.pad(img, 2)))
     odd = digits[:, :27, :25]
-    np.testing.assert_array_equal(data.pad_to(odd, 30), torchvision_each(odd, lambda img, n: F.center_crop(img, 30)))
+    expected = torchvision_each(odd, lambda img, n: F.center_crop(img, 30))
+    np.testing.assert_array_equal(data.pad_to(odd, 30), expected)
 
 
 def test_crop_matches_pad_then_crop(digits):
@@ -574,7 +584,8 @@ def test_crop_matches_pad_then_crop(digits):
         height, width = (size, size) if isinstance(size, int) else size
         tops = rng.integers(0, 28 + 2 * padding - height + 1, len(digits))
         lefts = rng.integers(0, 28 + 2 * padding - width + 1, len(digits))
-        expected = torchvision_each(digits, lambda img, n: F.crop(F.pad(img, padding), tops[n], lefts[n], height, width))
+        expected = torchvision_each(digits,
+                                    lambda img, n: F.crop(F.pad(img, padding), tops[n], lefts[n], height, width))
         np.testing.assert_array_equal(data.crop(digits, size, padding, tops, lefts), expected)
 
 
@@ -623,7 +634,8 @@ def test_notebook_train_transform(digits):
         return F.to_tensor(F.hflip(img) if flips[n] else img).numpy()
 
     expected = np.stack([notebook(image, n) for n, image in enumerate(digits)])
-    np.testing.assert_array_equal(data.to_float(data.flip_where(data.crop(digits, 32, 4, tops, lefts), flips)), expected)
+    ours = data.to_float(data.flip_where(data.crop(digits, 32, 4, tops, lefts), flips))
+    np.testing.assert_array_equal(ours, expected)
 
 
 def offsets_found(F, images, output, size, padding):
@@ -633,7 +645,9 @@ def offsets_found(F, images, output, size, padding):
     for image, result in zip(images, output):
         from PIL import Image
         padded = F.pad(Image.fromarray(image, mode="L"), padding)
-        matches = [(top, left) for top in range(padded.height - height + 1) for left in range(padded.width - width + 1)
+        offsets = [(top, left) for top in range(padded.height - height + 1)
+                   for left in range(padded.width - width + 1)]
+        matches = [(top, left) for top, left in offsets
                    if np.array_equal(np.asarray(F.crop(padded, top, left, height, width)), result)]
         assert len(matches) == 1
         found.append(matches[0])
@@ -658,7 +672,8 @@ def test_random_translate_semantics(digits):
     noise = np.repeat(digits[64:], 4, axis=0)[:, :, :20]  # non-square
     output = data.random_translate(noise, 2, np.random.default_rng(7))
     assert output.shape == noise.shape
-    assert set(offsets_found(F, noise, output, (28, 20), 2)) == {(top, left) for top in range(5) for left in range(5)}
+    every_offset = {(top, left) for top in range(5) for left in range(5)}
+    assert set(offsets_found(F, noise, output, (28, 20), 2)) == every_offset
 
 
 def test_random_horizontal_flip_semantics(digits):
@@ -688,6 +703,8 @@ def test_transforms_reject_bad_input(digits):
         data.random_crop(digits[0])
     with pytest.raises(ValueError, match="larger than the padded image"):
         data.crop(digits, 40, 4, tops, tops)
+    with pytest.raises(ValueError, match="larger than the padded image"):
+        data.random_crop(digits, 32, 1)
     with pytest.raises(ValueError, match="0 <= top <= 4"):
         data.crop(digits, 32, 4, tops + 5, tops)
     with pytest.raises(ValueError, match="one top and one left offset per image"):
