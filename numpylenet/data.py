@@ -109,9 +109,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     ------
     IDXFormatError
         The content is not a well-formed IDX file: empty or shorter than its header, non-zero
-        leading bytes, unknown type code, no dimensions, more than ``IDX_MAX_BYTES`` of payload,
-        a payload shorter or longer than the dimensions say, or damaged gzip data. The message
-        starts with the path.
+        leading bytes, unknown type code, no dimensions, sizes whose non-zero product exceeds
+        ``IDX_MAX_BYTES`` bytes, a payload shorter or longer than the dimensions say, or damaged
+        gzip data. The message starts with the path.
     OSError
         The path itself cannot be opened (``FileNotFoundError``, ``IsADirectoryError``, ...).
     """
@@ -149,10 +149,11 @@ def _parse_idx(stream, path: Path) -> np.ndarray:
                              f"sizes, the file has {len(header)}")
     shape = tuple(int.from_bytes(header[4 * k:4 * k + 4], "big") for k in range(ndim))
     dtype = IDX_DTYPES[type_code]
+    # Zero sizes are skipped: NumPy refuses a shape like (0, 2**32, 2**32) even though it is empty.
+    if math.prod(max(size, 1) for size in shape) * dtype.itemsize > IDX_MAX_BYTES:
+        raise IDXFormatError(f"{path}: absurd dimensions {shape} of {dtype.name}: beyond the "
+                             f"{IDX_MAX_BYTES:,}-byte limit")
     expected = math.prod(shape) * dtype.itemsize
-    if expected > IDX_MAX_BYTES:
-        raise IDXFormatError(f"{path}: absurd dimensions {shape}: {expected:,} bytes of {dtype.name} "
-                             f"exceed the {IDX_MAX_BYTES:,}-byte limit")
     # One byte more than promised tells "exactly right" apart from "trailing data".
     payload = _read_up_to(stream, expected + 1)
     need = f"dimensions {shape} of {dtype.name} need {expected:,} bytes after the header"
@@ -447,7 +448,7 @@ def _fetch(url: str, destination: Path, md5: str, *, progress: bool, timeout: fl
     with urllib.request.urlopen(request, timeout=timeout) as response:
         size = response.headers.get("Content-Length")
         size = int(size) if size is not None and size.isdigit() else None
-        digest = hashlib.md5()
+        digest = hashlib.md5(usedforsecurity=False)
         received = 0
         with _atomic_file(destination) as file, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
                                                      desc=destination.name, disable=not progress) as bar:

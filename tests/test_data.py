@@ -121,6 +121,7 @@ def test_malformed_header(tmp_path):
     check_malformed(tmp_path, b"\x00\x00\x08\x00", "zero dimensions")
     check_malformed(tmp_path, b"\x00\x00\x08\x03" + bytes(5), "header truncated: 3 dimensions need 12 bytes")
     check_malformed(tmp_path, idx_bytes(0x08, (2**32 - 1,) * 3, b""), "absurd dimensions")
+    check_malformed(tmp_path, idx_bytes(0x0E, (0, 2**32 - 1, 2**32 - 1), b""), "absurd dimensions")
     check_malformed(tmp_path, b"PK\x03\x04 not an idx file", "bad magic number")
 
 
@@ -189,7 +190,9 @@ def test_fuzz_headers(tmp_path, type_code, shape, extra, compress):
     payload = payload[:max(0, min(expected, 64) + extra)]
     path = write_bytes(tmp_path / "fuzz.idx", idx_bytes(type_code, tuple(shape), payload), compress=compress)
     result = read_or_format_error(path)
-    well_formed = type_code in TYPE_ITEMSIZE and shape and len(payload) == expected
+    extent = int(np.prod([max(size, 1) for size in shape], dtype=object)) * itemsize
+    well_formed = (type_code in TYPE_ITEMSIZE and shape and extent <= data.IDX_MAX_BYTES
+                   and len(payload) == expected)
     assert (result is not None) == bool(well_formed)
     if well_formed:
         dtype = np.dtype(data.IDX_DTYPES[type_code])
