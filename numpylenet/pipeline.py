@@ -1,0 +1,175 @@
+"""The data side of a run: which images, how they are split, transformed and batched.
+
+``numpylenet.train`` and ``reference.train`` both draw their batches from here, so for the same
+config and seed the NumPy and the torch model see identical pixels in an identical order.
+
+Randomness
+----------
+Every random draw comes from a generator keyed by the run's seed, a stream and counters::
+
+    shuffle order of epoch e          generator(seed, Stream.SHUFFLE, e)
+    augmentation of step s of epoch e generator(seed, Stream.AUGMENT, e, s)
+    validation crops after epoch e    generator(seed, Stream.VALID, e)
+    test crops                        generator(seed, Stream.TEST)
+
+so any step can be reproduced on its own: a run resumed at (epoch, step) needs no saved generator
+state and still draws exactly what the uninterrupted run drew.
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import data
+from .recipes import TrainConfig
+
+__all__ = ["Stream", "generator", "DataSplits", "load_dataset", "load_splits", "transform", "training_batches",
+           "evaluation_batches", "num_batches", "EVAL_BATCH_SIZE", "SPLIT_SEED"]
+
+EVAL_BATCH_SIZE = 1000
+SPLIT_SEED = 0          # the notebook's split_train_valid_data(random_seed=0)
+MEAN_STD = {"mnist": data.MNIST_MEAN_STD, "mnist-sample": data.MNIST_MEAN_STD,
+            "fashion-mnist": data.FASHION_MNIST_MEAN_STD}
+
+
+class Stream(enum.IntEnum):
+    """The independent random streams of a run."""
+
+    SHUFFLE = 0
+    AUGMENT = 1
+    VALID = 2
+    TEST = 3
+    PREVIEW = 4
+
+
+def generator(seed: int, stream: Stream, *counters: int) -> np.random.Generator:
+    """A PCG64 generator keyed by ``(seed, stream, *counters)`` (distinct keys, independent streams)."""
+    return np.random.default_rng([seed, int(stream), *counters])
+
+
+@dataclass
+class DataSplits:
+    """The images of a run, uint8 (N, 28, 28), with int64 labels (N,).
+
+    Attributes
+    ----------
+    dataset : the data set actually used ("mnist", "fashion-mnist" or "mnist-sample")
+    fallback_reason : why ``--dataset auto`` fell back to mnist-sample, or None
+    """
+
+    dataset: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    valid_images: np.ndarray
+    valid_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    fallback_reason: str | None = None
+
+
+def load_dataset(dataset: str, data_dir: str, download: bool, *,
+                 train: bool) -> tuple[np.ndarray, np.ndarray, str, str | None]:
+    """The training or test images of ``dataset``, resolving "auto".
+
+    "auto" means full MNIST from ``data_dir`` (downloaded if ``download``); when that is missing
+    and cannot be downloaded, the bundled mnist-sample.
+
+    Returns
+    -------
+    images : uint8 (N, 28, 28)
+    labels : int64 (N,)
+    dataset : the data set actually loaded
+    fallback_reason : why "auto" fell back to mnist-sample, or None
+
+    Raises
+    ------
+    FileNotFoundError, data.DownloadError
+        An explicitly named data set is missing (and could not be downloaded).
+    ValueError
+        The data files are malformed.
+    """
+    if dataset == "auto":
+        try:
+            return (*data.load_mnist(data_dir, train=train, dataset="mnist", download=download),
+                    "mnist", None)
+        except (FileNotFoundError, data.DownloadError) as error:
+            dataset, fallback_reason = "mnist-sample", " ".join(str(error).split())
+    else:
+        fallback_reason = None
+    return (*data.load_mnist(data_dir, train=train, dataset=dataset, download=download),
+            dataset, fallback_reason)
+
+
+def load_splits(config: TrainConfig) -> DataSplits:
+    """Load the data set (see :func:`load_dataset`), split off validation exactly as the notebook
+    does, and keep only the first ``config.limit_train`` training images if set."""
+    images, labels, dataset, fallback_reason = load_dataset(
+        config.dataset, config.data_dir, config.download, train=True)
+    test_images, test_labels, _, _ = load_dataset(dataset, config.data_dir, config.download, train=False)
+    train_indices, valid_indices = data.split_train_valid(len(images), config.valid_size, seed=SPLIT_SEED)
+    if config.limit_train is not None:
+        train_indices = train_indices[:config.limit_train]
+    return DataSplits(dataset=dataset,
+                      train_images=images[train_indices], train_labels=labels[train_indices],
+                      valid_images=images[valid_indices], valid_labels=labels[valid_indices],
+                      test_images=test_images, test_labels=test_labels,
+                      fallback_reason=fallback_reason)
+
+
+def transform(images: np.ndarray, config: TrainConfig, dataset: str, *, train: bool,
+              rng: np.random.Generator) -> np.ndarray:
+    """uint8 images (N, 28, 28) -> the model's float input (N, 1, 32, 32), as the recipe says.
+
+    Training images (when ``config.augment``): a random 32x32 crop of the image zero-padded by 4
+    (a shift of up to 2 pixels), then for "crop-flip" a random horizontal flip. Evaluation images:
+    centred in 32x32, or for ``eval_crop="random"`` the same random crop. Then ``x / 255`` and, when
+    ``config.normalize``, ``(x - mean) / std`` with the data set's mean and std.
+    """
+    if train and config.augment:
+        images = data.random_crop(images, size=32, padding=4, rng=rng)
+        if config.augmentation == "crop-flip":
+            images = data.random_horizontal_flip(images, p=0.5, rng=rng)
+    elif not train and config.eval_crop == "random":
+        images = data.random_crop(images, size=32, padding=4, rng=rng)
+    else:
+        images = data.pad_to(images, 32)
+    x = data.to_float(images, dtype=np.dtype(config.dtype))
+    if config.normalize:
+        x = data.normalize(x, *MEAN_STD[dataset])
+    return x
+
+
+def num_batches(num_items: int, batch_size: int) -> int:
+    """Batches per epoch, the last partial batch included."""
+    return -(-num_items // batch_size)
+
+
+def training_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig, dataset: str,
+                     epoch: int, start_step: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(step, x, y)`` for epoch ``epoch`` (0-based), from step ``start_step`` on.
+
+    Each epoch visits every training image once, in a fresh seeded order; ``x`` is
+    (B, 1, 32, 32) in the config's dtype and ``y`` int64 (B,), the last batch possibly shorter.
+    """
+    order = data.batch_indices(len(images), config.batch_size,
+                               rng=generator(config.seed, Stream.SHUFFLE, epoch))
+    for step, indices in enumerate(order):
+        if step < start_step:
+            continue
+        x = transform(images[indices], config, dataset, train=True,
+                      rng=generator(config.seed, Stream.AUGMENT, epoch, step))
+        yield step, x, labels[indices]
+
+
+def evaluation_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig, dataset: str,
+                       rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(x, y)`` batches of up to EVAL_BATCH_SIZE images in order, transformed for evaluation.
+
+    ``rng`` is used only by the seed recipe's random evaluation crops.
+    """
+    for start in range(0, len(images), EVAL_BATCH_SIZE):
+        chunk = slice(start, start + EVAL_BATCH_SIZE)
+        yield transform(images[chunk], config, dataset, train=False, rng=rng), labels[chunk]

@@ -1,0 +1,346 @@
+"""End-to-end tests of ``numpylenet.train`` / ``numpylenet.evaluate`` on the bundled mnist-sample.
+
+Runs are tiny (``--limit-train``, two epochs) and call ``main`` in-process; Ctrl-C is a real SIGINT
+sent to this process at a chosen step. The truths checked against are independent of the code
+under test: torch (its OneCycleLR, its LeNet, torchvision's transforms), an uninterrupted run for
+resume, and the files' own contents (PNG signatures, JSON that parses, npz readable without pickle).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numpylenet.checkpoint import load_checkpoint
+from numpylenet.evaluate import main as evaluate_main
+from numpylenet.loop import NumpyLearner
+from numpylenet.recipes import TrainConfig
+from numpylenet.train import FIGURES, main as train_main
+
+REPO = Path(__file__).resolve().parent.parent
+PROG = "python -m numpylenet.train"
+TINY = ["--dataset", "mnist-sample", "--limit-train", "192", "--batch-size", "32", "--epochs", "2",
+        "--valid-size", "0.05"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def train(capsys, *flags, make_learner=None) -> tuple[int, str, str]:
+    """Run numpylenet.train in-process: (exit status, stdout, stderr)."""
+    try:
+        code = train_main([str(flag) for flag in flags], make_learner=make_learner)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """One tiny default-recipe run, with --dataset auto pointed at an empty folder (so it must fall
+    back to mnist-sample and say so). Returns its folder."""
+    folder = tmp_path_factory.mktemp("run") / "out"
+    empty = tmp_path_factory.mktemp("no-data")
+    flags = ["--dataset", "auto", "--data-dir", empty, "--no-download", "--limit-train", "512",
+             "--epochs", "2", "--valid-size", "0.05", "--batch-size", "32", "--out", folder]
+    code = train_main([str(flag) for flag in flags])
+    assert code == 0
+    return folder
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def test_run_writes_every_output(run):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "last.npz", "best.npz", *FIGURES):
+        assert (run / name).is_file(), name
+    for name in FIGURES:
+        content = (run / name).read_bytes()
+        assert content.startswith(PNG_SIGNATURE) and len(content) > 5_000, name
+
+
+def test_config_json_holds_every_setting(run):
+    config = json.loads((run / "config.json").read_text())
+    assert set(TrainConfig.__dataclass_fields__) <= config.keys()
+    assert config["resolved"]["dataset"] == "mnist-sample" and config["resolved"]["train_images"] == 512
+
+
+def test_metrics_and_summary_are_consistent_and_sane(run):
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert all(math.isfinite(record[key]) for record in history
+               for key in ("train_loss", "valid_loss", "valid_accuracy", "seconds"))
+    # 32 Adam steps from chance level (loss ln 10 = 2.303, accuracy 10%) must have learned something.
+    assert history[-1]["train_loss"] < math.log(10) and summary["test_accuracy"] > 0.3
+    assert summary["best_epoch"] == 1 + int(np.argmin([record["valid_loss"] for record in history]))
+    assert summary["test_correct"] == round(summary["test_accuracy"] * summary["test_images"])
+    assert summary["test_images"] == 1000 and summary["train_images"] == 512 and summary["epochs"] == 2
+
+
+def test_auto_dataset_fallback_is_announced(run):
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"] == "mnist-sample" and "no train-images" in summary["dataset_fallback"]
+
+
+def test_fallback_banner_on_stderr(capsys, tmp_path):
+    code, out, err = train(capsys, "--data-dir", tmp_path / "none", "--no-download", "--epochs", "1",
+                           "--limit-train", "32", "--valid-size", "0.01", "--out", tmp_path / "run")
+    assert code == 0 and "BUNDLED mnist-sample" in err and "NOT full MNIST" in out
+
+
+def test_checkpoints_load_without_pickle_and_hold_the_state(run):
+    for name in ("last.npz", "best.npz"):
+        checkpoint = arrays(run / name)   # allow_pickle=False: raises if anything needs pickle
+        assert {"model/conv1.weight", "model/fc2.bias", "optimizer/step", "optimizer/exp_avg.0",
+                "config", "progress", "history"} <= checkpoint.keys()
+        progress = json.loads(str(checkpoint["progress"]))
+        assert progress["step"] == 0 and progress["dataset"] == "mnist-sample"
+    assert json.loads(str(arrays(run / "last.npz")["progress"]))["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- resume
+
+class InterruptAt(NumpyLearner):
+    """The NumPy learner, plus a real SIGINT to this process just before global step ``at``."""
+
+    at = 0
+
+    def train_step(self, x, y, lr):
+        self.taken = getattr(self, "taken", 0) + 1
+        if self.taken == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().train_step(x, y, lr)
+
+
+@pytest.mark.parametrize("interrupt_at_step", [4, 6])   # mid-epoch; the last step of epoch 1
+def test_resume_after_ctrl_c_equals_uninterrupted_run(capsys, tmp_path, interrupt_at_step):
+    flags = [*TINY, "--dtype", "float64"]
+    assert train(capsys, *flags, "--out", tmp_path / "whole")[0] == 0
+    interrupting = type("Interrupting", (InterruptAt,), {"at": interrupt_at_step})
+    code, _, err = train(capsys, *flags, "--out", tmp_path / "split", make_learner=interrupting)
+    assert code == 130 and "--resume" in err
+    stopped = json.loads(str(arrays(tmp_path / "split" / "last.npz")["progress"]))
+    assert (stopped["epoch"], stopped["step"]) == (0, interrupt_at_step)
+    assert train(capsys, "--resume", tmp_path / "split" / "last.npz")[0] == 0
+    whole, resumed = arrays(tmp_path / "whole" / "last.npz"), arrays(tmp_path / "split" / "last.npz")
+    state = [name for name in whole if name.startswith(("model/", "optimizer/"))]
+    assert state and state == [name for name in resumed if name.startswith(("model/", "optimizer/"))]
+    for name in state:
+        np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+
+
+def test_resume_can_extend_a_finished_run(capsys, tmp_path):
+    assert train(capsys, *TINY, "--epochs", "1", "--out", tmp_path)[0] == 0
+    code, out, _ = train(capsys, "--resume", tmp_path / "last.npz", "--epochs", "2")
+    assert code == 0 and "epoch 2/2" in out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------- faults
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, tmp_path):
+    # Adam moves every weight by about lr per step: 1e20 overflows float32 on the second step.
+    code, _, err = train(capsys, *TINY, "--lr", "1e20", "--out", tmp_path)
+    assert code == 1 and "loss became nan" in err and "last good checkpoint" in err
+    kept = arrays(tmp_path / "last.npz")
+    assert all(np.isfinite(value).all() for name, value in kept.items() if name.startswith("model/"))
+
+
+BAD_FLAGS = [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--valid-size", "0"], "--valid-size"),
+    (["--valid-size", "1"], "--valid-size"),
+    (["--backend", "cuda"], "--backend"),
+    (["--epochs", "three"], "--epochs"),
+    (["--momentum", "0.5"], "--momentum"),
+    (["--dataset", "mnist", "--no-download", "--data-dir", "{tmp}/missing"], "missing"),
+    (["--resume", "{tmp}/nothing.npz"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("flags, mentions", BAD_FLAGS)
+def test_bad_flag_gives_one_line_error(capsys, tmp_path, flags, mentions):
+    flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
+    code, out, err = train(capsys, *flags, "--out", tmp_path / "run")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"{PROG}: error: ") and mentions in err
+    assert not (tmp_path / "run").exists()
+
+
+def corrupt(path: Path, target: Path, how: str) -> Path:
+    """A damaged copy of the checkpoint ``path`` at ``target``."""
+    content = path.read_bytes()
+    if how == "truncated":
+        target.write_bytes(content[: len(content) // 2])
+    elif how == "garbage":
+        target.write_bytes(os.urandom(4096))
+    elif how == "flipped":   # a bit flip inside a compressed member: caught by the zip CRC
+        middle = len(content) // 2
+        target.write_bytes(content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1:])
+    elif how == "missing-config":
+        entries = {k: v for k, v in arrays(path).items() if k != "config"}
+        np.savez(target, **entries)
+    elif how == "wrong-shape":
+        entries = arrays(path)
+        entries["model/fc1.weight"] = np.zeros((84, 121), dtype=np.float32)
+        np.savez(target, **entries)
+    elif how == "empty":
+        target.write_bytes(b"")
+    return target
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped", "missing-config", "wrong-shape",
+                                 "empty"])
+def test_corrupt_checkpoint_gives_clear_error(capsys, tmp_path, run, how):
+    damaged = corrupt(run / "last.npz", tmp_path / "damaged.npz", how)
+    for main, args in ((train_main, ["--resume", str(damaged), "--out", str(tmp_path / "x")]),
+                       (evaluate_main, [str(damaged), "--out", str(tmp_path / "x")])):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and str(damaged) in err, err
+
+
+def test_resume_with_a_different_network_is_refused(capsys, tmp_path, run):
+    code, _, err = train(capsys, "--resume", run / "last.npz", "--activation", "tanh",
+                         "--out", tmp_path / "x")
+    assert code == 2 and "different network" in err and "activation" in err
+
+
+def test_help_imports_nothing_heavy():
+    script = ("import runpy, sys\nsys.argv = ['numpylenet.train', '--help']\n"
+              "try:\n    runpy.run_module('numpylenet.train', run_name='__main__')\n"
+              "except SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('matplotlib', 'torch', 'numba', 'tqdm') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            timeout=60)
+    assert result.stdout.strip().endswith("[]"), result.stdout[-300:]
+    for flag in ("--epochs", "--batch-size", "--lr", "--optimizer", "--momentum", "--weight-decay",
+                 "--valid-size", "--seed", "--augment", "--activation", "--pool", "--dtype",
+                 "--backend", "--threads", "--dataset", "--data-dir", "--download", "--out",
+                 "--resume", "--recipe"):
+        assert flag in result.stdout, flag
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_evaluate_reproduces_the_run_and_writes_outputs(capsys, tmp_path, run):
+    summary = json.loads((run / "summary.json").read_text())
+    assert evaluate_main([str(run / "best.npz"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy {100 * summary['test_accuracy']:.2f}%" in out and "class 9:" in out
+    report = json.loads((tmp_path / "eval-best-mnist-sample.json").read_text())
+    assert report["test_accuracy"] == summary["test_accuracy"]
+    assert np.sum(report["confusion_matrix"]) == 1000
+    assert (tmp_path / "eval-best-mnist-sample-confusion_matrix.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="torch is not installed (pip install -e '.[reference]')")
+
+
+def torch_accuracy(weights: dict, normalize: bool) -> float:
+    """Accuracy of the notebook's torch LeNet with ``weights`` on the mnist-sample test set,
+    prepared by torchvision (Pad(2), ToTensor, Normalize): an independent evaluation."""
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from numpylenet.data import load_mnist
+    from reference.lenet import LeNet
+
+    images, labels = load_mnist(train=False, dataset="mnist-sample")
+    steps = [T.Pad(2), T.ToTensor()] + ([T.Normalize((0.1307,), (0.3081,))] if normalize else [])
+    prepare = T.Compose(steps)
+    x = torch.stack([prepare(Image.fromarray(image)) for image in images])
+    model = LeNet()
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()})
+    with torch.no_grad():
+        return float((model(x).argmax(1).numpy() == labels).mean())
+
+
+@needs_torch
+def test_evaluate_agrees_with_torch_on_a_checkpoint(capsys, tmp_path, run):
+    evaluate_main([str(run / "best.npz"), "--out", str(tmp_path)])
+    ours = json.loads((tmp_path / "eval-best-mnist-sample.json").read_text())["test_accuracy"]
+    assert abs(ours - torch_accuracy(load_checkpoint(run / "best.npz").model, normalize=True)) <= 0.002
+
+
+@needs_torch
+def test_evaluate_reads_a_notebook_state_dict(capsys, tmp_path, run):
+    import torch
+
+    from reference.lenet import LeNet
+
+    model = LeNet()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in load_checkpoint(run / "best.npz").model.items()})
+    torch.save(model.state_dict(), tmp_path / "notebook.pt")
+    code = evaluate_main([str(tmp_path / "notebook.pt"), "--dataset", "mnist-sample",
+                          "--eval-crop", "center", "--out", str(tmp_path)])
+    assert code == 0
+    ours = json.loads((tmp_path / "eval-notebook-mnist-sample.json").read_text())["test_accuracy"]
+    weights = {name: value.numpy() for name, value in model.state_dict().items()}
+    assert abs(ours - torch_accuracy(weights, normalize=False)) <= 0.002
+
+
+@needs_torch
+def test_evaluate_rejects_a_state_dict_of_another_network(capsys, tmp_path):
+    import torch
+
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main([str(tmp_path / "other.pt"), "--dataset", "mnist-sample"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "not a state_dict of the notebook's LeNet" in err
+
+
+# ----------------------------------------------------------------------------- the torch side
+
+@needs_torch
+def test_one_cycle_schedule_matches_torch():
+    import torch
+
+    from numpylenet.schedule import one_cycle_lr
+
+    for total in (7, 100, 5_064):
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.Adam([param], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=3e-3, total_steps=total, pct_start=0.25, anneal_strategy="cos",
+            cycle_momentum=False, div_factor=25.0, final_div_factor=1e4)
+        for step in range(total):
+            assert one_cycle_lr(step, total, 3e-3) == pytest.approx(optimizer.param_groups[0]["lr"],
+                                                                    rel=1e-12)
+            optimizer.step()
+            scheduler.step()
+
+
+@needs_torch
+def test_reference_train_follows_the_same_trajectory(capsys, tmp_path):
+    """Same batches, same initial weights, torch-exact optimiser: in float64 the NumPy and the torch
+    runs end at the same weights to round-off."""
+    from reference.train import main as reference_main
+
+    flags = [*TINY, "--epochs", "1", "--dtype", "float64"]
+    assert train(capsys, *flags, "--out", tmp_path / "ours")[0] == 0
+    assert reference_main([*flags, "--out", str(tmp_path / "torch")]) == 0
+    ours, theirs = arrays(tmp_path / "ours" / "last.npz"), arrays(tmp_path / "torch" / "last.npz")
+    for name in (k for k in ours if k.startswith(("model/", "optimizer/"))):
+        scale = max(np.abs(theirs[name]).max(), 1e-30)
+        assert np.abs(ours[name] - theirs[name]).max() / scale < 1e-9, name
