@@ -1,0 +1,190 @@
+"""docs/tour.md stays true: its code references exist, its figures exist, its worked examples and its
+layer table are what the code computes.
+
+* every `path.py: name` reference names a file of the repo that defines ``name`` (dotted for
+  methods, ``Conv2d.backward``); modules are imported and the attribute looked up, except test
+  files, which are parsed (importing them would collect their tests twice);
+* every `folder/file.ext` reference names an existing file;
+* every image the tour links exists and is a PNG;
+* the worked examples, each a ```text block after an ``<!-- worked-example: NAME -->`` marker, equal
+  what im2col, Conv2d, col2im and split_train_valid return, and the independent truths next to them
+  (the notebook's own shuffle, the adjoint identity);
+* the parameter and FLOP table agrees with the shapes of a real LeNet5.
+"""
+
+import ast
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numpylenet import Conv2d, LeNet5, col2im, data, im2col
+
+ROOT = Path(__file__).resolve().parents[1]
+TOUR_PATH = ROOT / "docs" / "tour.md"
+TOUR = TOUR_PATH.read_text(encoding="utf-8")
+
+CODE_REFERENCE = re.compile(r"`([\w./-]+\.py): ([A-Za-z_][\w.]*)`")
+FILE_REFERENCE = re.compile(r"`([\w.-]+(?:/[\w.-]+)+\.(?:py|md|json|toml|txt))`")
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+WORKED_EXAMPLE = re.compile(r"<!-- worked-example: ([\w-]+) -->\s*```text\n(.*?)```", re.DOTALL)
+
+
+def worked_example(name: str) -> np.ndarray:
+    """The integer matrix written in the tour's worked example ``name``."""
+    blocks = dict(WORKED_EXAMPLE.findall(TOUR))
+    assert name in blocks, f"docs/tour.md has no worked example {name!r}"
+    return np.array([[int(value) for value in line.split()] for line in blocks[name].strip().splitlines()])
+
+
+def defined_in_source(path: Path, dotted: str) -> bool:
+    """Whether the Python file defines ``dotted`` (a top-level name, or Class.member) without importing it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    scope = tree.body
+    for part in dotted.split("."):
+        found = None
+        for node in scope:
+            names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                     else [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])
+                           if isinstance(t, ast.Name)])
+            if part in names:
+                found = node
+        if found is None:
+            return False
+        scope = getattr(found, "body", [])
+    return True
+
+
+def code_references():
+    return sorted(set(CODE_REFERENCE.findall(TOUR)))
+
+
+def test_the_tour_names_code():
+    assert len(code_references()) >= 30, "the reference pattern no longer matches the tour's references"
+
+
+def load_module(path: str):
+    """Import the module at ``path``: by its dotted name inside a package, else straight from the file."""
+    file = ROOT / path
+    if (file.parent / "__init__.py").is_file():
+        return importlib.import_module(path[:-len(".py")].replace("/", "."))
+    name = f"tour_{file.stem}"
+    if name not in sys.modules:   # registered first, as dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location(name, file)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("path, name", code_references(), ids=lambda value: value)
+def test_code_reference_exists(path, name):
+    file = ROOT / path
+    assert file.is_file(), f"docs/tour.md names {path}, which does not exist"
+    if path.startswith("tests/"):
+        assert defined_in_source(file, name), f"docs/tour.md names {path}: {name}, which is not defined there"
+        return
+    if path.startswith(("reference/", "docs/")):
+        pytest.importorskip("torch")
+    target = load_module(path)
+    for part in name.split("."):
+        assert hasattr(target, part), f"docs/tour.md names {path}: {name}, but {part!r} is not there"
+        target = getattr(target, part)
+
+
+@pytest.mark.parametrize("path", sorted(set(FILE_REFERENCE.findall(TOUR))))
+def test_file_reference_exists(path):
+    assert (ROOT / path).is_file(), f"docs/tour.md names {path}, which does not exist"
+
+
+@pytest.mark.parametrize("link", sorted(set(IMAGE_LINK.findall(TOUR))))
+def test_figure_exists(link):
+    figure = TOUR_PATH.parent / link
+    assert figure.is_file(), f"docs/tour.md shows {link}; run python docs/make_figures.py"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{link} is not a PNG"
+
+
+# The worked example: a 1x4x4 input, a 2x2 kernel, stride 1, no padding.
+
+def worked_input() -> np.ndarray:
+    return worked_example("input").astype(np.float64).reshape(1, 1, 4, 4)
+
+
+def test_worked_input_is_one_to_sixteen():
+    assert np.array_equal(worked_example("input"), np.arange(1, 17).reshape(4, 4))
+
+
+def test_worked_cols_are_im2col():
+    assert np.array_equal(im2col(worked_input(), (2, 2)), worked_example("cols"))
+
+
+def test_worked_output_is_the_convolution():
+    assert "W = [[1, 2], [3, 4]]" in TOUR
+    conv = Conv2d(1, 1, 2, dtype=np.float64)
+    conv.weight.data[...] = [[1, 2], [3, 4]]
+    conv.bias.data[...] = 0
+    output = worked_example("output")
+    assert np.array_equal(conv.forward(worked_input())[0, 0], output)
+    # The same numbers by the definition: the dot product of the kernel with each 2x2 window.
+    x = worked_input()[0, 0]
+    by_definition = [[np.sum(x[i:i + 2, j:j + 2] * [[1, 2], [3, 4]]) for j in range(3)] for i in range(3)]
+    assert np.array_equal(by_definition, output)
+
+
+def test_worked_col2im_counts_windows():
+    assert np.array_equal(col2im(np.ones((4, 9)), (1, 1, 4, 4), (2, 2))[0, 0], worked_example("col2im-ones"))
+
+
+def test_col2im_is_the_adjoint_of_im2col_on_the_worked_example():
+    grads = np.random.default_rng(0).standard_normal((4, 9))
+    x = worked_input()
+    assert np.isclose(np.sum(im2col(x, (2, 2)) * grads), np.sum(x * col2im(grads, x.shape, (2, 2))), rtol=1e-14)
+
+
+def test_split_head_is_the_notebooks_shuffle():
+    quoted = worked_example("split-valid-head")[0]
+    saved = np.random.get_state()
+    try:   # the notebook's split_train_valid_data, verbatim in effect
+        np.random.seed(0)
+        indices = list(range(60000))
+        np.random.shuffle(indices)
+    finally:
+        np.random.set_state(saved)
+    assert np.array_equal(quoted, indices[:len(quoted)])
+    assert np.array_equal(quoted, data.split_train_valid(60000, 0.1, seed=0)[1][:len(quoted)])
+
+
+# The parameter and FLOP table of section 3.
+
+def layer_table() -> dict[str, list[str]]:
+    """Rows of the table after ``<!-- table: layers -->``: first cell -> all cells."""
+    block = TOUR.split("<!-- table: layers -->", 1)[1].strip().split("\n\n", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+    return {row[0]: row for row in rows}
+
+
+def count(cell: str) -> int:
+    return int(cell.replace(",", ""))
+
+
+def test_layer_table_matches_lenet5():
+    model = LeNet5(seed=0)
+    table = layer_table()
+    outputs, x = {}, np.zeros((1, 1, 32, 32), np.float32)
+    for layer in model.layers:
+        x = layer.forward(x)
+        outputs[layer] = x.shape[1:]
+    total_flops = 0
+    for name in ("conv1", "conv2", "conv3", "fc1", "fc2"):
+        layer = getattr(model, name)
+        _, shape, _, parameters, flops = table[name]
+        assert tuple(int(size) for size in shape.split(" x ")) == outputs[layer], name
+        assert count(parameters) == layer.weight.data.size + layer.bias.data.size, name
+        fan_in = layer.weight.data[0].size                 # multiply-adds per output value
+        assert count(flops) == 2 * int(np.prod(outputs[layer])) * fan_in, name
+        total_flops += count(flops)
+    assert count(table["total"][3]) == model.num_parameters() == 61706
+    assert count(table["total"][4]) == total_flops
