@@ -1,0 +1,69 @@
+"""softmax_cross_entropy against nn.CrossEntropyLoss (mean reduction) and a hand-computed case."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from helpers import TOLERANCE, assert_close  # noqa: E402
+from numpylenet import softmax_cross_entropy  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def check_loss(logits: np.ndarray, labels: np.ndarray) -> None:
+    """Loss and grad_logits against torch's mean cross entropy, in the logits' dtype."""
+    loss, grad_logits = softmax_cross_entropy(logits.copy(), labels.copy())
+    logits_torch = torch.from_numpy(logits.copy()).requires_grad_()
+    loss_torch = torch.nn.CrossEntropyLoss()(logits_torch, torch.from_numpy(labels))
+    loss_torch.backward()
+    assert np.isfinite(loss) and np.all(np.isfinite(grad_logits))
+    assert grad_logits.dtype == logits.dtype and grad_logits.shape == logits.shape
+    assert_close("softmax_cross_entropy", {"loss": (np.float64(loss), loss_torch.item()),
+                                           "grad_logits": (grad_logits, logits_torch.grad.numpy())},
+                 TOLERANCE[logits.dtype])
+
+
+def random_case(batch, classes, scale=1.0, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((batch, classes))).astype(dtype)
+    return logits, rng.integers(0, classes, size=batch).astype(np.int64)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")])
+@pytest.mark.parametrize("batch, classes, scale", [
+    pytest.param(16, 10, 1.0, id="batch16"),
+    pytest.param(1, 10, 1.0, id="batch1"),
+    pytest.param(5, 2, 3.0, id="two_classes"),
+    pytest.param(8, 10, 1e4, id="logits_1e4"),
+    pytest.param(8, 10, 1e2, id="logits_1e2"),
+])
+def test_matches_torch(batch, classes, scale, dtype):
+    check_loss(*random_case(batch, classes, scale, dtype))
+
+
+def test_all_logits_huge_and_equal():
+    """A shift by 1e4 must cancel exactly: softmax is shift-invariant."""
+    logits = np.full((3, 10), 1e4)
+    labels = np.array([0, 4, 9])
+    check_loss(logits, labels)
+    loss, grad = softmax_cross_entropy(logits, labels)
+    assert abs(loss - np.log(10)) <= 1e-12
+
+
+def test_hand_computed_uniform_logits():
+    """Equal logits: p = 1/C, so loss = log C and grad = (1/C - onehot) / N."""
+    batch, classes = 4, 5
+    labels = np.array([0, 1, 4, 1])
+    loss, grad = softmax_cross_entropy(np.zeros((batch, classes)), labels)
+    expected = (np.full((batch, classes), 1 / classes) - np.eye(classes)[labels]) / batch
+    assert abs(loss - np.log(classes)) <= 1e-15
+    np.testing.assert_allclose(grad, expected, rtol=0, atol=1e-16)
+
+
+def test_confident_wrong_answer_costs_the_logit_gap():
+    """Logit 1e4 on the wrong class: loss = 1e4 - logit of the right class (log-sum-exp is the max)."""
+    logits = np.array([[1e4, 0.0, 0.0]])
+    loss, grad = softmax_cross_entropy(logits, np.array([1]))
+    assert loss == pytest.approx(1e4, rel=1e-15)
+    np.testing.assert_allclose(grad, [[1.0, -1.0, 0.0]], atol=1e-15)

@@ -1,0 +1,173 @@
+"""Adam and SGD against torch.optim: whole training trajectories, rejections, state round trips."""
+
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from helpers import assert_close  # noqa: E402
+from numpylenet import SGD, Adam, LeNet5, softmax_cross_entropy  # noqa: E402
+from reference import TorchLeNet5, copy_torch_to_numpy  # noqa: E402
+
+TRAJECTORY_TOLERANCE = 1e-8
+OPTIMIZERS = {"adam": (Adam, torch.optim.Adam), "sgd": (SGD, torch.optim.SGD)}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def batches(steps, size=8, seed=0):
+    """The same random (images, labels) batches for both sides."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((size, 1, 32, 32)), rng.integers(0, 10, size=size)) for _ in range(steps)]
+
+
+def numpy_step(model, optimizer, images, labels):
+    optimizer.zero_grad()
+    loss, grad_logits = softmax_cross_entropy(model.forward(images), labels)
+    model.backward(grad_logits)
+    optimizer.step()
+    return float(loss)
+
+
+def torch_step(model, optimizer, images, labels):
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels))
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def check_trajectory(kind, steps, activation="tanh", pool="max", lr_schedule=None, **hyper):
+    """Train both from the same weights on the same batches; compare every loss and the end weights.
+
+    ``lr_schedule(step) -> lr`` (optional) sets ``.lr`` on ours and ``param_groups[0]["lr"]`` on
+    torch's before each step, checking that a mutable learning rate behaves the same.
+    """
+    ours_class, torch_class = OPTIMIZERS[kind]
+    torch.manual_seed(0)
+    reference = TorchLeNet5(activation, pool).double()
+    model = LeNet5(activation=activation, pool=pool, dtype=np.float64, seed=0)
+    copy_torch_to_numpy(reference, model)
+    optimizer = ours_class(model.parameters(), **hyper)
+    torch_optimizer = torch_class(reference.parameters(), **hyper)
+
+    losses, torch_losses = [], []
+    for step, (images, labels) in enumerate(batches(steps)):
+        if lr_schedule is not None:
+            optimizer.lr = torch_optimizer.param_groups[0]["lr"] = lr_schedule(step)
+        losses.append(numpy_step(model, optimizer, images, labels))
+        torch_losses.append(torch_step(reference, torch_optimizer, images, labels))
+    # Each step's loss is checked on its own, so the report says where a trajectory first drifts.
+    pairs = {f"loss[{step}]": (ours, theirs) for step, (ours, theirs) in enumerate(zip(losses, torch_losses))}
+    torch_params = dict(reference.named_parameters())
+    pairs.update({name: (param.data, torch_params[name].detach().numpy())
+                  for name, param in model.named_parameters()})
+    # The losses must actually move, or agreeing trajectories would prove nothing about the updates.
+    assert abs(losses[-1] - losses[0]) > 1e-3, "the trajectory barely moved"
+    assert_close(f"{kind} {hyper}", pairs, TRAJECTORY_TOLERANCE)
+
+
+# The tests use tanh/max by default: smooth activations make a trajectory sensitive to every
+# update, and max pooling exercises the routing of gradients. One case runs the seed's relu/avg.
+@pytest.mark.parametrize("kind, steps, hyper", [
+    pytest.param("adam", 100, {}, id="adam_defaults"),
+    pytest.param("adam", 100, {"lr": 3e-3, "weight_decay": 1e-2}, id="adam_weight_decay"),
+    pytest.param("adam", 100, {"lr": 2e-3, "betas": (0.8, 0.99), "eps": 1e-6}, id="adam_betas_eps"),
+    pytest.param("sgd", 50, {"lr": 0.05}, id="sgd_plain"),
+    pytest.param("sgd", 50, {"lr": 0.02, "momentum": 0.9}, id="sgd_momentum"),
+    pytest.param("sgd", 50, {"lr": 0.02, "momentum": 0.9, "nesterov": True}, id="sgd_nesterov"),
+    pytest.param("sgd", 50, {"lr": 0.02, "momentum": 0.9, "dampening": 0.5}, id="sgd_dampening"),
+    pytest.param("sgd", 50, {"lr": 0.02, "momentum": 0.8, "weight_decay": 1e-2}, id="sgd_weight_decay"),
+])
+def test_trajectory_matches_torch(kind, steps, hyper):
+    check_trajectory(kind, steps, **hyper)
+
+
+def test_trajectory_seed_network_relu_avg():
+    check_trajectory("adam", 100, activation="relu", pool="avg")
+
+
+def test_trajectory_with_changing_learning_rate():
+    check_trajectory("sgd", 50, lr=0.05, momentum=0.9, lr_schedule=lambda step: 0.05 * 0.5 ** (step // 10))
+
+
+@pytest.mark.parametrize("kind, hyper", [
+    pytest.param("sgd", {"lr": -0.1}, id="sgd_negative_lr"),
+    pytest.param("sgd", {"lr": 0.1, "momentum": -0.5}, id="sgd_negative_momentum"),
+    pytest.param("sgd", {"lr": 0.1, "weight_decay": -1e-4}, id="sgd_negative_weight_decay"),
+    pytest.param("sgd", {"lr": 0.1, "nesterov": True}, id="sgd_nesterov_without_momentum"),
+    pytest.param("sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "nesterov": True},
+                 id="sgd_nesterov_with_dampening"),
+    pytest.param("adam", {"lr": -1e-3}, id="adam_negative_lr"),
+    pytest.param("adam", {"eps": -1e-8}, id="adam_negative_eps"),
+    pytest.param("adam", {"betas": (1.0, 0.999)}, id="adam_beta1_one"),
+    pytest.param("adam", {"betas": (0.9, 1.0)}, id="adam_beta2_one"),
+    pytest.param("adam", {"betas": (-0.1, 0.999)}, id="adam_beta1_negative"),
+    pytest.param("adam", {"betas": (0.9, -0.5)}, id="adam_beta2_negative"),
+    pytest.param("adam", {"weight_decay": -1e-2}, id="adam_negative_weight_decay"),
+    pytest.param("adam", {"lr": float("nan")}, id="adam_nan_lr"),
+])
+def test_rejects_what_torch_rejects(kind, hyper):
+    ours_class, torch_class = OPTIMIZERS[kind]
+    with pytest.raises(ValueError):
+        torch_class([torch.nn.Parameter(torch.zeros(2))], **hyper)
+    with pytest.raises(ValueError):
+        ours_class(LeNet5(seed=0).parameters(), **hyper)
+
+
+@pytest.mark.parametrize("kind, hyper", [
+    pytest.param("sgd", {"lr": 0.0}, id="sgd_zero_lr"),
+    pytest.param("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True}, id="sgd_nesterov"),
+    pytest.param("sgd", {"lr": 0.1, "dampening": 0.5}, id="sgd_dampening_without_momentum"),
+    pytest.param("adam", {"lr": 0.0, "betas": (0.0, 0.0), "eps": 0.0}, id="adam_edges"),
+])
+def test_accepts_what_torch_accepts(kind, hyper):
+    ours_class, torch_class = OPTIMIZERS[kind]
+    torch_class([torch.nn.Parameter(torch.zeros(2))], **hyper)
+    ours_class(LeNet5(seed=0).parameters(), **hyper)
+
+
+@pytest.mark.parametrize("kind, hyper", [
+    pytest.param("adam", {"lr": 1e-3, "weight_decay": 1e-3}, id="adam"),
+    pytest.param("sgd", {"lr": 0.02, "momentum": 0.9, "nesterov": True}, id="sgd_nesterov"),
+])
+def test_state_dict_round_trip_continues_identically(kind, hyper):
+    """Save model and optimiser mid-training through np.savez (no pickle); the restored copy
+    must then take exactly the same steps as the original."""
+    ours_class, _ = OPTIMIZERS[kind]
+    data = batches(10)
+    model = LeNet5(activation="tanh", pool="max", dtype=np.float64, seed=0)
+    optimizer = ours_class(model.parameters(), **hyper)
+    for images, labels in data[:5]:
+        numpy_step(model, optimizer, images, labels)
+
+    checkpoint = io.BytesIO()
+    np.savez(checkpoint, **{"model/" + k: v for k, v in model.state_dict().items()},
+             **{"optim/" + k: v for k, v in optimizer.state_dict().items()})
+    checkpoint.seek(0)
+    with np.load(checkpoint, allow_pickle=False) as archive:
+        saved = dict(archive)
+    restored = LeNet5(activation="tanh", pool="max", dtype=np.float64, seed=99)
+    restored.load_state_dict({k[len("model/"):]: v for k, v in saved.items() if k.startswith("model/")})
+    restored_optimizer = ours_class(restored.parameters(), **hyper)
+    restored_optimizer.load_state_dict({k[len("optim/"):]: v for k, v in saved.items() if k.startswith("optim/")})
+
+    for images, labels in data[5:]:
+        assert numpy_step(model, optimizer, images, labels) == numpy_step(restored, restored_optimizer, images,
+                                                                          labels)
+    for (name, param), (_, twin) in zip(model.named_parameters(), restored.named_parameters()):
+        assert np.array_equal(param.data, twin.data), name
+
+
+def test_optimizer_load_state_dict_rejects_foreign_state():
+    model = LeNet5(dtype=np.float64, seed=0)
+    optimizer = Adam(model.parameters())
+    numpy_step(model, optimizer, *batches(1)[0])
+    state = optimizer.state_dict()
+    buffer_key = next(key for key, value in state.items() if np.ndim(value) > 0)
+    with pytest.raises(ValueError, match=buffer_key):
+        Adam(model.parameters()).load_state_dict({**state, buffer_key: np.zeros(3)})
+    with pytest.raises(ValueError, match="bogus"):
+        Adam(model.parameters()).load_state_dict({**state, "bogus": np.zeros(1)})
