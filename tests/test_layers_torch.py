@@ -95,3 +95,12 @@ def test_activation_saturated(make_ours, make_torch, dtype):
 ])
 def test_parameter_gradients_accumulate(make_ours, make_torch, input_shape, dtype):
     check_layer(make_ours, make_torch, input_shape, dtype, passes=2)
+
+
+# All-equal input: every window ties, and torch sends each window's gradient to its first
+# (row-major) element; overlapping windows then add up on shared elements.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("args, kwargs", [((2,), {}), ((3,), {"stride": 2}), ((2,), {"stride": 1})],
+                         ids=["2", "overlapping", "stride1"])
+def test_maxpool_ties_go_to_the_first_maximum(args, kwargs, dtype):
+    check_layer(*stateless(MaxPool2d, nn.MaxPool2d, *args, **kwargs), (2, 2, 7, 8), dtype, scale=0.0)
