@@ -1,0 +1,357 @@
+"""What every benchmark shares: the command line, thread control, the machine, a fair timer, output.
+
+A benchmark script is ``python -m benchmarks.<name> [--threads 2] [--repeats N] [--quick] [--out DIR]``;
+it prints a Markdown table and writes ``<out>/<name>.json`` (and sometimes ``<name>.png``), whose
+``meta`` records the machine, the threads actually in use, the library versions and the date.
+
+Fair timing on a shared, noisy machine
+--------------------------------------
+:func:`interleaved_timings` runs the contenders round-robin - A B C, B C A, C A B, ... - after a
+warm-up call of each, and reports the median of the repeats. Whatever else the machine is doing
+at a given moment slows every contender alike, so the *ratios* between contenders are stable even
+when the absolute figures are not. Absolute figures vary between machines and between runs; the
+ratios measured within one run are what the project claims.
+
+Peak FLOP/s
+-----------
+``peak = cores x clock x FP32 FLOP per cycle per core``. The FLOP per cycle follow from the vector
+units the CPU reports in ``/proc/cpuinfo``: with AVX-512, 2 FMA units x 16 lanes x 2 = 64; with
+AVX2 + FMA, 2 x 8 x 2 = 32; with AVX alone 16; otherwise (SSE) 8. The clock is the highest
+``cpu MHz`` listed (or ``cpuinfo_max_freq``). Both can be given instead (``--clock-ghz``,
+``--flop-per-cycle``) when detection is wrong, e.g. inside a virtual machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+__all__ = ["REPO", "RESULTS", "make_parser", "data_dir", "set_threads", "thread_report", "Machine",
+           "detect_machine", "versions", "metadata", "Timing", "interleaved_timings",
+           "markdown_table", "write_json", "save_figure", "forward_flops_per_image",
+           "training_flops_per_image"]
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+def make_parser(name: str, description: str, *, repeats: int = 5) -> argparse.ArgumentParser:
+    """The flags every benchmark accepts; a script adds its own to the returned parser.
+
+    --threads N        threads for torch, Numba and BLAS alike (default 2)
+    --repeats N        timed repeats per contender (median reported); at least 1
+    --quick            a tiny configuration that finishes in seconds (CI smoke test)
+    --out DIR          where the JSON (and PNG) go (default benchmarks/results)
+    --clock-ghz, --flop-per-cycle   override the detected machine figures behind "peak"
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    parser.add_argument("--threads", type=_positive_int, default=2,
+                        help="threads for torch, Numba and BLAS together (default 2); on a loaded "
+                             "machine 1 can be much faster, so it is recorded with every result")
+    parser.add_argument("--repeats", type=_positive_int, default=repeats,
+                        help=f"timed repeats per contender, after a warm-up; the median is reported "
+                             f"(default {repeats})")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny configuration that runs in seconds (the CI smoke test)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help=f"folder for the JSON and PNG results (default {RESULTS.relative_to(REPO)})")
+    parser.add_argument("--clock-ghz", type=float, default=None,
+                        help="CPU clock for the peak-FLOP/s figure (default: detected)")
+    parser.add_argument("--flop-per-cycle", type=int, default=None,
+                        help="FP32 FLOP per cycle per core (default: 64 with AVX-512, 32 with AVX2+FMA)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def data_dir(given: str | None = None) -> Path:
+    """The root holding ``MNIST/raw``: ``given``, else $NUMPYLENET_DATA, else ``../shared/data``."""
+    if given is not None:
+        return Path(given)
+    return Path(os.environ.get("NUMPYLENET_DATA") or REPO.parent / "shared" / "data")
+
+
+# --------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------
+
+_BLAS_LIMITS = []   # keeps threadpoolctl's limiter alive for the life of the process
+
+
+def set_threads(count: int) -> None:
+    """Use ``count`` threads in torch, in Numba and in every BLAS/OpenMP library loaded.
+
+    All three are set together so no contender gets more cores than another. Numba cannot run
+    more threads than it started with (``NUMBA_NUM_THREADS``), so its count is capped there;
+    :func:`thread_report` says what each library really uses.
+    """
+    try:
+        import torch
+        torch.set_num_threads(count)
+    except ImportError:
+        pass
+    try:
+        import numba
+        numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    # NumPy's OpenBLAS (which numpylenet's Numba kernels also call) and torch's OpenMP runtime.
+    from threadpoolctl import threadpool_limits
+    _BLAS_LIMITS.append(threadpool_limits(limits=count))
+
+
+def thread_report(requested: int) -> dict:
+    """The threads each library actually uses now."""
+    report: dict = {"requested": requested}
+    try:
+        import torch
+        report["torch"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        import numba
+        report["numba"] = numba.get_num_threads()
+    except ImportError:
+        pass
+    from threadpoolctl import threadpool_info
+    report["blas"] = [f"{info.get('internal_api')} {info.get('version') or ''}".strip()
+                      + f": {info['num_threads']} threads ({Path(info['filepath']).name})"
+                      for info in threadpool_info()]
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# The machine
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Machine:
+    """The CPU and its FP32 peak: ``peak_gflops = cores x clock_ghz x flop_per_cycle``."""
+
+    cpu: str
+    cores: int
+    clock_ghz: float
+    flop_per_cycle: int
+    vector_isa: str
+    clock_source: str
+    flop_source: str
+
+    @property
+    def peak_gflops(self) -> float:
+        return self.cores * self.clock_ghz * self.flop_per_cycle
+
+    def peak_gflops_for(self, threads: int) -> float:
+        """The peak reachable with ``threads`` threads (one core each, at most all cores)."""
+        return min(threads, self.cores) * self.clock_ghz * self.flop_per_cycle
+
+    def describe(self) -> str:
+        return (f"{self.cpu}, {self.cores} cores, {self.clock_ghz:.2f} GHz, {self.vector_isa}: "
+                f"FP32 peak {self.cores} x {self.clock_ghz:.2f} GHz x {self.flop_per_cycle} FLOP/cycle "
+                f"= {self.peak_gflops:.0f} GFLOP/s")
+
+    def to_json(self) -> dict:
+        return {"cpu": self.cpu, "cores": self.cores, "clock_ghz": self.clock_ghz,
+                "flop_per_cycle": self.flop_per_cycle, "vector_isa": self.vector_isa,
+                "clock_source": self.clock_source, "flop_source": self.flop_source,
+                "peak_gflops": self.peak_gflops,
+                "peak_formula": "cores x clock_ghz x flop_per_cycle (FP32)"}
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def detect_machine(clock_ghz: float | None = None, flop_per_cycle: int | None = None) -> Machine:
+    """The CPU model, usable cores, clock and FP32 FLOP/cycle; the two numbers can be overridden."""
+    info = _cpuinfo()
+    models = re.findall(r"^model name\s*:\s*(.+)$", info, re.M)
+    cpu = models[0].strip() if models else (platform.processor() or platform.machine())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    flags = set(re.findall(r"^flags\s*:\s*(.+)$", info, re.M)[0].split()) if "flags" in info else set()
+    if "avx512f" in flags:
+        isa, detected_flop = "AVX-512", 64
+    elif {"avx2", "fma"} <= flags:
+        isa, detected_flop = "AVX2+FMA", 32
+    elif "avx" in flags:
+        isa, detected_flop = "AVX", 16
+    else:
+        isa, detected_flop = "SSE", 8
+    if clock_ghz is None:
+        clock_ghz, clock_source = _detect_clock_ghz(info)
+    else:
+        clock_source = "--clock-ghz"
+    flop_source = "--flop-per-cycle" if flop_per_cycle is not None else f"{isa} in /proc/cpuinfo flags"
+    return Machine(cpu=cpu, cores=cores, clock_ghz=clock_ghz,
+                   flop_per_cycle=flop_per_cycle or detected_flop, vector_isa=isa,
+                   clock_source=clock_source, flop_source=flop_source)
+
+
+def _detect_clock_ghz(info: str) -> tuple[float, str]:
+    maximum = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    if maximum.is_file():
+        return int(maximum.read_text()) / 1e6, str(maximum)
+    speeds = [float(mhz) for mhz in re.findall(r"^cpu MHz\s*:\s*([\d.]+)$", info, re.M)]
+    if speeds:
+        return max(speeds) / 1000, "/proc/cpuinfo 'cpu MHz'"
+    return float("nan"), "unknown (give --clock-ghz)"
+
+
+def versions() -> dict[str, str]:
+    """Python and the versions of the libraries the benchmarks compare."""
+    import importlib.metadata as metadata
+
+    found = {"python": platform.python_version()}
+    for package in ("numpylenet", "numpy", "numba", "torch", "torchvision"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def metadata(args: argparse.Namespace) -> dict:
+    """Everything a result needs to be read later: when, where, with what, how."""
+    machine = detect_machine(args.clock_ghz, args.flop_per_cycle)
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine.to_json(), "machine_summary": machine.describe(),
+            "threads": thread_report(args.threads), "versions": versions(),
+            "repeats": args.repeats, "quick": args.quick, "load_average": _load_average()}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counts of LeNet-5 (multiply-adds counted as 2 FLOP; pooling, activations, bias ignored)
+# --------------------------------------------------------------------------------------------
+
+# (multiply-adds per image, whether the layer needs dL/dinput in training)
+_LAYER_MACS = {"conv1": (6 * 28 * 28 * 1 * 5 * 5, False), "conv2": (16 * 10 * 10 * 6 * 5 * 5, True),
+               "conv3": (120 * 16 * 5 * 5, True), "fc1": (120 * 84, True), "fc2": (84 * 10, True)}
+
+
+def forward_flops_per_image() -> int:
+    """FLOP of one image's forward pass: 2 x the multiply-adds of the five weighted layers."""
+    return sum(2 * macs for macs, _ in _LAYER_MACS.values())
+
+
+def training_flops_per_image() -> int:
+    """FLOP of one image's training step: forward, dL/dW (as much again) and dL/dinput (as much
+    again, except conv1, whose input is the image). About 2.26 MFLOP."""
+    return sum(2 * macs * (3 if needs_input_grad else 2) for macs, needs_input_grad in _LAYER_MACS.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    """Seconds per call of one contender: one figure per repeat, and their median."""
+
+    name: str
+    seconds: list[float]
+    calls_per_repeat: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median over the repeats: how noisy the measurement was."""
+        return (max(self.seconds) - min(self.seconds)) / self.median if self.median > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"median_seconds": self.median, "min_seconds": min(self.seconds),
+                "max_seconds": max(self.seconds), "relative_spread": self.spread,
+                "repeats": len(self.seconds), "calls_per_repeat": self.calls_per_repeat,
+                "seconds": self.seconds}
+
+
+def interleaved_timings(contenders: Mapping[str, Callable[[], object]], repeats: int = 5, *,
+                        min_repeat_seconds: float = 0.0, warmup: int = 1) -> dict[str, Timing]:
+    """Median seconds per call of each contender, measured round-robin.
+
+    Each contender is first called ``warmup`` times untimed (JIT compilation, caches, allocation;
+    ``warmup=0`` when the caller warms up in its own way, and then every repeat is one call).
+    Then, ``repeats`` times, every contender is timed once, in an order rotated by one each round
+    (A B C, B C A, ...) so that none always runs right after another. A repeat calls the contender
+    enough times back to back to last at least ``min_repeat_seconds`` (calibrated on the warm-up
+    call), so that microsecond operations are timed above the clock's resolution.
+    """
+    names = list(contenders)
+    calls = dict.fromkeys(names, 1)
+    for name in names if warmup > 0 else ():
+        started = time.perf_counter()
+        for _ in range(warmup):
+            contenders[name]()
+        once = (time.perf_counter() - started) / warmup
+        if once > 0:
+            calls[name] = max(1, math.ceil(min_repeat_seconds / once))
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            function, count = contenders[name], calls[name]
+            started = time.perf_counter()
+            for _ in range(count):
+                function()
+            seconds[name].append((time.perf_counter() - started) / count)
+    return {name: Timing(name, seconds[name], calls[name]) for name in names}
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                   align: str | None = None) -> str:
+    """A GitHub Markdown table; ``align`` has one letter per column, ``l`` or ``r`` (default:
+    the first column left, the others right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(out: Path, name: str, content: dict) -> Path:
+    """Write ``<out>/<name>.json`` (creating ``out``) and return its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    return path
+
+
+def save_figure(figure, out: Path, name: str) -> Path:
+    """Save a matplotlib Figure as ``<out>/<name>.png`` and return its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    figure.savefig(path, dpi=110)
+    return path
