@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 __all__ = ["REPO", "RESULTS", "make_parser", "data_dir", "set_threads", "thread_report", "Machine",
-           "detect_machine", "versions", "metadata", "Timing", "interleaved_timings",
+           "detect_machine", "vector_isa", "versions", "metadata", "Timing", "interleaved_timings",
            "markdown_table", "write_json", "save_figure", "forward_flops_per_image",
            "training_flops_per_image"]
 
@@ -188,15 +188,8 @@ def detect_machine(clock_ghz: float | None = None, flop_per_cycle: int | None = 
     models = re.findall(r"^model name\s*:\s*(.+)$", info, re.M)
     cpu = models[0].strip() if models else (platform.processor() or platform.machine())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    flags = set(re.findall(r"^flags\s*:\s*(.+)$", info, re.M)[0].split()) if "flags" in info else set()
-    if "avx512f" in flags:
-        isa, detected_flop = "AVX-512", 64
-    elif {"avx2", "fma"} <= flags:
-        isa, detected_flop = "AVX2+FMA", 32
-    elif "avx" in flags:
-        isa, detected_flop = "AVX", 16
-    else:
-        isa, detected_flop = "SSE", 8
+    flags = re.findall(r"^flags\s*:\s*(.+)$", info, re.M)
+    isa, detected_flop = vector_isa(set(flags[0].split()) if flags else set())
     if clock_ghz is None:
         clock_ghz, clock_source = _detect_clock_ghz(info)
     else:
@@ -205,6 +198,18 @@ def detect_machine(clock_ghz: float | None = None, flop_per_cycle: int | None = 
     return Machine(cpu=cpu, cores=cores, clock_ghz=clock_ghz,
                    flop_per_cycle=flop_per_cycle or detected_flop, vector_isa=isa,
                    clock_source=clock_source, flop_source=flop_source)
+
+
+def vector_isa(flags: set[str]) -> tuple[str, int]:
+    """The widest FP32 vector instructions among the CPU ``flags``, and the FLOP per cycle per core
+    they allow: two FMA units x lanes x 2 FLOP (a multiply and an add) per FMA."""
+    if "avx512f" in flags:
+        return "AVX-512", 2 * 16 * 2
+    if {"avx2", "fma"} <= flags:
+        return "AVX2+FMA", 2 * 8 * 2
+    if "avx" in flags:
+        return "AVX", 2 * 8       # a separate multiply and add unit, 8 lanes each
+    return "SSE", 2 * 4
 
 
 def _detect_clock_ghz(info: str) -> tuple[float, str]:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows.sort(key=lambda row: (row["batch_size"], row["framework"] != "torch", row["framework"]))
     cores = min(args.threads, machine.cores)
     table = common.markdown_table(
-        ["batch", "framework", "images/s", "speed vs torch", f"share of FP32 peak ({cores} cores)"],
+        ["batch", "framework", "images/s", "speed vs torch", f"share of FP32 peak ({cores} core{'s' if cores > 1 else ''})"],
         [[f"{row['batch_size']:,}", row["framework"], f"{row['images_per_second']:,.0f}",
           f"{row['speed_vs_torch']:.2f}x", f"{100 * row['share_of_peak']:.1f}%"] for row in rows],
         align="rlrrr")
