@@ -188,3 +188,14 @@ def test_layer_table_matches_lenet5():
         total_flops += count(flops)
     assert count(table["total"][3]) == model.num_parameters() == 61706
     assert count(table["total"][4]) == total_flops
+
+
+def test_training_step_flops_are_three_forward_passes_less_conv1_input_gradient():
+    """Section 3's count, against the one the speed benchmarks divide by."""
+    from benchmarks.common import forward_flops_per_image, training_flops_per_image
+
+    table = layer_table()
+    forward, conv1 = count(table["total"][4]), count(table["conv1"][4])
+    assert forward == forward_flops_per_image()
+    assert 3 * forward - conv1 == training_flops_per_image()
+    assert f"{3 * forward / 1e6:.2f} MFLOP" in TOUR and f"{(3 * forward - conv1) / 1e6:.2f} MFLOP" in TOUR
