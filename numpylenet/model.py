@@ -5,6 +5,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from .backend import NumbaLeNet5, resolve_backend
 from .layers import (AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, Parameter, ReLU,
                      Sigmoid, Tanh, as_float_dtype)
 
@@ -43,10 +44,14 @@ class LeNet5:
     pool : {"avg", "max"}
     dtype : float32 or float64
     seed : int or None, seeds torch-style U(-1/sqrt(fan_in), 1/sqrt(fan_in)) initialisation.
+    backend : {"numpy", "numba"} or None
+        "numpy" runs the layers above one by one; "numba" runs the same math as two fused
+        parallel kernels (:mod:`numpylenet.kernels`). None: $NUMPYLENET_BACKEND, else numba if
+        it imports, else numpy (see :func:`numpylenet.backend.resolve_backend`).
     """
 
     def __init__(self, *, activation: str = "relu", pool: str = "avg", dtype=np.float32,
-                 seed: int | None = None):
+                 seed: int | None = None, backend: str | None = None):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if pool not in POOLS:
@@ -67,6 +72,8 @@ class LeNet5:
             self.fc2,
         ]
         self._pack_parameters()
+        self.backend = resolve_backend(backend)
+        self.engine = NumbaLeNet5(self) if self.backend == "numba" else None
 
     def _pack_parameters(self) -> None:
         """Move every parameter into one flat buffer (and its gradient into another)."""
@@ -90,6 +97,8 @@ class LeNet5:
         if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4 or x.shape[1:] != INPUT_SHAPE:
             raise ValueError(f"LeNet5 expected a floating-point input of shape (N, 1, 32, 32), "
                              f"got {x.dtype} array of shape {x.shape}")
+        if self.engine is not None:
+            return self.engine.forward(x)
         for layer in self.layers:
             x = layer.forward(x)
         return x
@@ -98,6 +107,8 @@ class LeNet5:
 
     def backward(self, grad_logits: np.ndarray) -> np.ndarray:
         """Back-propagate dL/dlogits (N, 10); adds to every ``.grad``; returns dL/dx (N, 1, 32, 32)."""
+        if self.engine is not None:
+            return self.engine.backward(grad_logits)
         grad = grad_logits
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
@@ -143,4 +154,5 @@ class LeNet5:
 
     def __repr__(self) -> str:
         body = "\n".join(f"  {layer!r}" for layer in self.layers)
-        return f"LeNet5(activation={self.activation!r}, pool={self.pool!r}, dtype={self.dtype})[\n{body}\n]"
+        return (f"LeNet5(activation={self.activation!r}, pool={self.pool!r}, dtype={self.dtype}, "
+                f"backend={self.backend!r})[\n{body}\n]")

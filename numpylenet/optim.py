@@ -5,6 +5,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .backend import fused_adam_step, fused_parameter_buffers, fused_sgd_step
 from .layers import Parameter
 
 __all__ = ["Optimizer", "Adam", "SGD"]
@@ -37,6 +38,8 @@ class Optimizer:
         self.step_count = 0
         for name in self.buffer_names:
             setattr(self, name, [None] * len(self.params))
+        # A numba-backend model's parameters tile one flat buffer: then step() is one fused loop.
+        self.fused_buffers = fused_parameter_buffers(self.params)
 
     def zero_grad(self) -> None:
         """Set every parameter's gradient to zero, in place."""
@@ -108,6 +111,8 @@ class Adam(Optimizer):
     def step(self) -> None:
         beta1, beta2 = self.betas
         self.step_count += 1
+        if self.fused_buffers is not None:
+            return fused_adam_step(self, *self.fused_buffers)
         t = self.step_count
         step_size = self.lr / (1 - beta1 ** t)
         bias_correction2_sqrt = np.sqrt(1 - beta2 ** t)
@@ -151,6 +156,8 @@ class SGD(Optimizer):
 
     def step(self) -> None:
         self.step_count += 1
+        if self.fused_buffers is not None:
+            return fused_sgd_step(self, *self.fused_buffers)
         for index, p in enumerate(self.params):
             grad = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
             if self.momentum:

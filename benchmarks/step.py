@@ -1,0 +1,109 @@
+"""Training throughput: one full training step, numpylenet (numba, numpy) against torch eager.
+
+    python -m benchmarks.step [--batch-sizes 1 32 64 256] [--threads 2] [--repeats 5] [--quick] [--out DIR]
+
+A step is what training does per batch: zero the gradients, forward, softmax cross-entropy,
+backward, one Adam update (lr 1e-3). All contenders start from the same float32 weights and train
+on the same random batch; torch is the notebook's LeNet with ``nn.CrossEntropyLoss`` and
+``torch.optim.Adam``, with as many threads as Numba and BLAS (``--threads``). Contenders run
+round-robin in one process and the median of ``--repeats`` is reported (see
+:mod:`benchmarks.common`), with images/s, the speed relative to torch and the share of the
+machine's FP32 peak (a training step is 2.26 MFLOP per image). Writes ``step.json``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from benchmarks import common
+
+NAME = "step"
+
+
+def step_functions(x: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[], object]]:
+    """Framework -> a function doing one training step on (x (N, 1, 32, 32), labels (N,))."""
+    import torch
+
+    from numpylenet import Adam, LeNet5, softmax_cross_entropy
+    from numpylenet.backend import numba_unavailable_reason
+    from reference.lenet import TorchLeNet5, copy_numpy_to_torch
+
+    torch_model = TorchLeNet5()
+    copy_numpy_to_torch(LeNet5(seed=0, backend="numpy"), torch_model)
+    torch_optimizer = torch.optim.Adam(torch_model.parameters(), lr=1e-3)
+    loss_function = torch.nn.CrossEntropyLoss()
+    images, targets = torch.from_numpy(x), torch.from_numpy(labels)
+
+    def torch_step():
+        torch_optimizer.zero_grad()
+        loss = loss_function(torch_model(images), targets)
+        loss.backward()
+        torch_optimizer.step()
+        return loss
+
+    functions = {"torch": torch_step}
+    backends = ("numba", "numpy") if numba_unavailable_reason() is None else ("numpy",)
+    for backend in backends:
+        model = LeNet5(seed=0, backend=backend)
+        optimizer = Adam(model.parameters(), lr=1e-3)
+
+        def numpylenet_step(model=model, optimizer=optimizer):
+            model.zero_grad()
+            loss, grad_logits = softmax_cross_entropy(model.forward(x), labels)
+            model.backward(grad_logits)
+            optimizer.step()
+            return loss
+
+        functions[f"numpylenet ({backend})"] = numpylenet_step
+    return functions
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = common.make_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 64, 256],
+                        help="batch sizes to time (default 1 32 64 256)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.batch_sizes = 1, [1, 32]
+    common.set_threads(args.threads)
+    machine = common.detect_machine(args.clock_ghz, args.flop_per_cycle)
+    peak = machine.peak_gflops_for(args.threads) * 1e9
+    flops = common.training_flops_per_image()
+
+    rng = np.random.default_rng(0)
+    contenders = {}
+    for batch_size in args.batch_sizes:
+        x = rng.random((batch_size, 1, 32, 32), dtype=np.float32)
+        labels = rng.integers(0, 10, batch_size)
+        for framework, function in step_functions(x, labels).items():
+            contenders[framework, batch_size] = function
+    timings = common.interleaved_timings(contenders, args.repeats, warmup=3,
+                                         min_repeat_seconds=0.0 if args.quick else 0.3)
+
+    rows = []
+    for (framework, batch_size), timing in timings.items():
+        images_per_second = batch_size / timing.median
+        rows.append({"framework": framework, "batch_size": batch_size,
+                     "images_per_second": images_per_second,
+                     "speed_vs_torch": timings["torch", batch_size].median / timing.median,
+                     "share_of_peak": images_per_second * flops / peak, "timing": timing.to_json()})
+    rows.sort(key=lambda row: (row["batch_size"], row["framework"] != "torch", row["framework"]))
+    cores = min(args.threads, machine.cores)
+    table = common.markdown_table(
+        ["batch", "framework", "images/s", "speed vs torch",
+         f"share of FP32 peak ({cores} core{'s' if cores > 1 else ''})"],
+        [[f"{row['batch_size']:,}", row["framework"], f"{row['images_per_second']:,.0f}",
+          f"{row['speed_vs_torch']:.2f}x", f"{100 * row['share_of_peak']:.1f}%"] for row in rows],
+        align="rlrrr")
+    meta = common.metadata(args)
+    content = {"benchmark": NAME, "meta": meta, "dtype": "float32", "optimizer": "Adam(lr=1e-3)",
+               "training_flops_per_image": flops, "peak_flops_for_threads": peak,
+               "batch_sizes": args.batch_sizes, "rows": rows, "markdown": table}
+    path = common.write_json(args.out, NAME, content)
+    print(f"{meta['machine_summary']}; threads {args.threads}\n\n{table}\n\nwrote {path}")
+    return content
+
+
+if __name__ == "__main__":
+    main()
