@@ -52,6 +52,7 @@ def load_weights(path: Path) -> tuple[dict, dict, str]:
         Unreadable file, or a torch file without torch installed.
     """
     import dataclasses
+    import os
 
     from .checkpoint import CheckpointError, load_checkpoint
     from .recipes import make_config
@@ -66,7 +67,8 @@ def load_weights(path: Path) -> tuple[dict, dict, str]:
             weights = load_notebook_state_dict(path)
         except ValueError as error:
             raise RunError(error) from None
-        return weights, dataclasses.asdict(make_config("seed")), "auto"
+        notebook = make_config("seed", data_dir=os.environ.get("NUMPYLENET_DATA", "data"))
+        return weights, dataclasses.asdict(notebook), "auto"
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as error:
@@ -82,7 +84,8 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--dataset", choices=DATASET_CHOICES, default=None,
                         help="test set [default: the one the checkpoint was trained on; auto for torch files]")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="root holding MNIST/raw [default: $NUMPYLENET_DATA or ./data]")
+                        help="root holding MNIST/raw [default: the checkpoint's; for a torch file "
+                             "$NUMPYLENET_DATA or ./data]")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                         help="download missing data files")
     parser.add_argument("--eval-crop", choices=EVAL_CROPS, default=None,
@@ -105,8 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    import os
-
     import numpy as np
 
     from . import data
@@ -117,7 +118,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     path = Path(args.checkpoint)
     weights, settings, trained_on = load_weights(path)
-    data_dir = args.data_dir or os.environ.get("NUMPYLENET_DATA", "data")
+    data_dir = args.data_dir or settings.get("data_dir", "data")
     try:
         config = make_config(settings.get("recipe", "default"), base=settings, backend=args.backend,
                              eval_crop=args.eval_crop, data_dir=data_dir, download=args.download)

@@ -37,11 +37,16 @@ __all__ = ["Learner", "NumpyLearner", "Progress", "Evaluation", "evaluate", "tra
            "NonFiniteLossError", "TrainingInterrupted", "StopOnInterrupt"]
 
 
+# Each epoch's record carries the training loss averaged over this many equal runs of steps.
+TRACE_POINTS = 20
+
+
 class Learner(Protocol):
     """What the loop needs from a model + optimiser pair (NumPy here, torch in ``reference``)."""
 
     framework: str
     backend: str
+    compile_seconds: float    # spent preparing kernels before training (0 if nothing to compile)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         """One optimiser step at learning rate ``lr`` on batch x (B, 1, 32, 32), y (B,); the loss."""
@@ -65,13 +70,23 @@ class NumpyLearner:
     framework = "numpylenet"
 
     def __init__(self, config: TrainConfig):
-        self.backend = config.backend or "numpy"
+        from .backend import set_threads
         from .model import LeNet5
         from .optim import SGD, Adam
 
-        backend = {"backend": config.backend} if config.backend is not None else {}
+        if config.threads is not None:
+            set_threads(config.threads)
         self.model = LeNet5(activation=config.activation, pool=config.pool,
-                            dtype=np.dtype(config.dtype), seed=config.seed, **backend)
+                            dtype=np.dtype(config.dtype), seed=config.seed, backend=config.backend)
+        self.backend = self.model.backend
+        self.compile_seconds = 0.0
+        if self.backend == "numba":
+            # Compile (or load from Numba's disk cache) before the clock of epoch 1 starts.
+            from .backend import NumbaLeNet5
+
+            started = time.perf_counter()
+            NumbaLeNet5.compile(self.model.dtype)
+            self.compile_seconds = time.perf_counter() - started
         if config.optimizer == "adam":
             self.optimizer = Adam(self.model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
@@ -111,6 +126,7 @@ class Progress:
     epoch : the epoch in progress, 0-based (== config.epochs once training is over)
     step : the next step within that epoch
     epoch_loss_sum, epoch_images : sum of (batch loss x batch size) and images seen so far this epoch
+    step_losses : the loss of every step so far this epoch (for the loss trace of its record)
     best_valid_loss, best_epoch : the lowest validation loss so far and its epoch (1-based; 0: none)
     seconds : wall-clock seconds spent training (and validating), summed over sessions
     dataset : the data set the run trains on (what "auto" resolved to)
@@ -120,6 +136,7 @@ class Progress:
     step: int = 0
     epoch_loss_sum: float = 0.0
     epoch_images: int = 0
+    step_losses: list[float] = dataclasses.field(default_factory=list)
     best_valid_loss: float = math.inf
     best_epoch: int = 0
     seconds: float = 0.0
@@ -233,9 +250,12 @@ def train(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Pat
                   "lr_end": learning_rate(config.schedule, (epoch + 1) * steps_per_epoch - 1,
                                           config.epochs * steps_per_epoch, config.lr),
                   "seconds": seconds,
-                  "train_images_per_second": (progress.epoch_images - images_before) / train_seconds}
+                  "train_images_per_second": (progress.epoch_images - images_before) / train_seconds,
+                  "train_loss_trace": [float(np.mean(chunk)) for chunk in
+                                       np.array_split(progress.step_losses, TRACE_POINTS) if len(chunk)]}
         history.append(record)
         progress.epoch, progress.step, progress.epoch_loss_sum, progress.epoch_images = epoch + 1, 0, 0.0, 0
+        progress.step_losses = []
         progress.seconds += seconds
         improved = valid.loss < progress.best_valid_loss
         if improved:
@@ -272,6 +292,7 @@ def train_epoch(learner: Learner, config: TrainConfig, splits: DataSplits, folde
             progress.step = step + 1
             progress.epoch_loss_sum += loss * len(y)
             progress.epoch_images += len(y)
+            progress.step_losses.append(loss)
             bar.update(len(y))
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if stop.requested:

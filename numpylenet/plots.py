@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["plot_learning_curves", "plot_predictions", "plot_confusion_matrix", "plot_conv1_filters"]
+__all__ = ["trace", "plot_learning_curves", "plot_predictions", "plot_confusion_matrix", "plot_conv1_filters"]
 
 
 def _new_figure(width: float, height: float):
@@ -24,13 +24,16 @@ def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike) -> No
     """Loss (train and validation) and validation accuracy against the epoch.
 
     ``history`` is the run's list of per-epoch records, each with ``epoch`` (1-based),
-    ``train_loss``, ``valid_loss`` and ``valid_accuracy`` (a fraction).
+    ``train_loss``, ``valid_loss``, ``valid_accuracy`` (a fraction) and ``train_loss_trace`` (the
+    training loss over equal runs of steps within the epoch, drawn as a thin line).
     """
     epochs = [record["epoch"] for record in history]
     figure = _new_figure(10, 4)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    loss_axes.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    loss_axes.plot(epochs, [r["valid_loss"] for r in history], "s-", label="validation")
+    trace_x, trace_y = trace(history)
+    loss_axes.plot(trace_x, trace_y, "-", color="C0", alpha=0.4, linewidth=1, label="train (within epochs)")
+    loss_axes.plot(epochs, [r["train_loss"] for r in history], "o-", color="C0", label="train (epoch mean)")
+    loss_axes.plot(epochs, [r["valid_loss"] for r in history], "s-", color="C1", label="validation")
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="Loss")
     loss_axes.legend()
     accuracy_axes.plot(epochs, [100 * r["valid_accuracy"] for r in history], "s-", color="C1")
@@ -39,6 +42,19 @@ def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike) -> No
         axes.grid(alpha=0.3)
         axes.xaxis.get_major_locator().set_params(integer=True)
     figure.savefig(path, dpi=100)
+
+
+def trace(history: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The within-epoch training-loss trace of a run as (x, loss), x in epochs from 0 to the last.
+
+    A point averaging the k-th of n equal runs of steps in epoch e sits at x = e - 1 + (k + 0.5) / n.
+    """
+    xs, ys = [], []
+    for record in history:
+        points = record.get("train_loss_trace", [])
+        xs.extend(record["epoch"] - 1 + (k + 0.5) / len(points) for k in range(len(points)))
+        ys.extend(points)
+    return np.array(xs), np.array(ys)
 
 
 def plot_predictions(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,

@@ -16,7 +16,8 @@ Ctrl-C stops between two steps and saves ``last.npz``; ``--resume RUN/last.npz``
 exactly where the run stopped. Exit status: 0 done, 1 training diverged (NaN/inf loss),
 2 bad command line, data or checkpoint, 130 interrupted.
 
-Only the standard library is imported before the command line is parsed, so ``--help`` is instant.
+Nothing heavy (tqdm, matplotlib, numba, torch) is imported before the command line is parsed, so
+``--help`` and flag errors come back at once.
 """
 from __future__ import annotations
 
@@ -27,9 +28,15 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .recipes import BACKENDS, DATASET_CHOICES, OPTIMIZERS, RECIPES, TrainConfig
+
+if TYPE_CHECKING:  # only for annotations: numpy and friends load after the command line is parsed
+    from .loop import Learner, Progress
+    from .pipeline import DataSplits
 
 __all__ = ["main", "build_parser", "resolve_config", "OneLineErrorParser", "RunError"]
 
@@ -192,14 +199,68 @@ def main(argv: Sequence[str] | None = None, *, make_learner: Callable | None = N
         parser.exit(130, f"{prog}: interrupted\n")
 
 
+@dataclass
+class Session:
+    """A run ready to train: its settings, data, learner, folder and (when resumed) saved progress."""
+
+    config: TrainConfig
+    splits: DataSplits
+    learner: Learner
+    folder: Path
+    progress: Progress
+    history: list[dict]
+    resumed: bool
+
+
 def _run(args: argparse.Namespace, make_learner: Callable | None, prog: str) -> int:
+    """Prepare the run (every bad input fails here, as a RunError), train it, report it."""
+    from .checkpoint import save_checkpoint
+    from .loop import (NonFiniteLossError, NumpyLearner, StopOnInterrupt, TrainingInterrupted,
+                       make_checkpoint, train)
+
+    session = _prepare(args, make_learner or NumpyLearner)
+    config, folder = session.config, session.folder
+    _announce(session, prog)
+    started = time.perf_counter()
+    try:
+        with StopOnInterrupt() as stop:
+            if not session.resumed:
+                # The state before the first step is the first "last good" checkpoint.
+                save_checkpoint(folder / "last.npz", make_checkpoint(
+                    session.learner, config, session.progress, session.history))
+            train(session.learner, config, session.splits, folder, session.progress,
+                  session.history, stop, on_epoch=lambda record: _report_epoch(record, config, folder))
+    except NonFiniteLossError as error:
+        print(f"{prog}: error: {error}. Training stopped; the last good checkpoint is "
+              f"{folder / 'last.npz'}. Try a lower --lr.", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as error:
+        print(f"{prog}: {error}; saved {folder / 'last.npz'}. Continue with:\n"
+              f"  {prog} --resume {folder / 'last.npz'}", file=sys.stderr)
+        return 130
+    summary = _finish(session, time.perf_counter() - started)
+    fallback = "  [mnist-sample, NOT full MNIST]" if session.splits.fallback_reason else ""
+    print(f"test loss {summary['test_loss']:.4f}  test accuracy {100 * summary['test_accuracy']:.2f}% "
+          f"({summary['test_correct']:,}/{summary['test_images']:,}) with the weights of epoch "
+          f"{summary['best_epoch']} (lowest validation loss); {summary['seconds']:.1f} s; "
+          f"outputs in {folder}{fallback}", flush=True)
+    return 0
+
+
+def _prepare(args: argparse.Namespace, make_learner: Callable) -> Session:
+    """Resolve the settings, load the data, build (or restore) the learner, set up the run folder.
+
+    Raises
+    ------
+    RunError
+        For anything the user can fix: a bad or mismatched checkpoint, contradictory flags,
+        missing or malformed data, an unavailable backend, an unusable folder.
+    """
     from . import data
-    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from .loop import (NonFiniteLossError, NumpyLearner, Progress, StopOnInterrupt,
-                       TrainingInterrupted, make_checkpoint, train)
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .loop import Progress
     from .pipeline import load_splits
 
-    make_learner = make_learner or NumpyLearner
     checkpoint = None
     if args.resume is not None:
         try:
@@ -214,7 +275,6 @@ def _run(args: argparse.Namespace, make_learner: Callable | None, prog: str) -> 
     except ValueError as error:
         raise RunError(f"checkpoint {args.resume}: {error}" if checkpoint else error) from None
     folder = _run_folder(args)
-
     try:
         splits = load_splits(config)
     except (FileNotFoundError, data.DownloadError, ValueError) as error:
@@ -223,6 +283,8 @@ def _run(args: argparse.Namespace, make_learner: Callable | None, prog: str) -> 
         learner = make_learner(config)
     except ValueError as error:
         raise RunError(error) from None
+
+    progress, history = Progress(dataset=splits.dataset), []
     if checkpoint is not None:
         progress = Progress.from_json(checkpoint.progress)
         if progress.dataset != splits.dataset:
@@ -233,41 +295,16 @@ def _run(args: argparse.Namespace, make_learner: Callable | None, prog: str) -> 
         except ValueError as error:
             raise RunError(f"checkpoint {args.resume} does not match this run: {error}") from None
         history = list(checkpoint.history)
-        _carry_over_best(Path(args.resume), folder)
-    else:
-        progress, history = Progress(dataset=splits.dataset), []
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RunError(f"cannot create the run folder {folder}: {error.strerror}") from None
+    if checkpoint is not None:
+        _carry_over_best(Path(args.resume), folder)
     _write_json(folder / "config.json", _run_description(config, splits, learner, folder))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
-    _announce(config, splits, learner, folder, progress, prog)
-    session_started = time.perf_counter()
-    try:
-        with StopOnInterrupt() as stop:
-            if checkpoint is None:
-                # The state before the first step is the first "last good" checkpoint.
-                save_checkpoint(folder / "last.npz", make_checkpoint(learner, config, progress, history))
-            train(learner, config, splits, folder, progress, history, stop,
-                  on_epoch=lambda record: _report_epoch(record, config, folder))
-    except NonFiniteLossError as error:
-        print(f"{prog}: error: {error}. Training stopped; the last good checkpoint is "
-              f"{folder / 'last.npz'}. Try a lower --lr.", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as error:
-        print(f"{prog}: {error}; saved {folder / 'last.npz'}. Continue with:\n"
-              f"  {prog} --resume {folder / 'last.npz'}", file=sys.stderr)
-        return 130
-    summary = _finish(config, splits, learner, folder, progress, history,
-                      time.perf_counter() - session_started)
-    fallback = "  [mnist-sample, NOT full MNIST]" if splits.fallback_reason else ""
-    print(f"test loss {summary['test_loss']:.4f}  test accuracy {100 * summary['test_accuracy']:.2f}% "
-          f"({summary['test_correct']:,}/{summary['test_images']:,}) with the weights of epoch "
-          f"{summary['best_epoch']} (lowest validation loss); {summary['seconds']:.1f} s; "
-          f"outputs in {folder}{fallback}", flush=True)
-    return 0
+    return Session(config, splits, learner, folder, progress, history, resumed=checkpoint is not None)
 
 
 def _report_epoch(record: dict, config: TrainConfig, folder: Path) -> None:
@@ -310,7 +347,7 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
-def _run_description(config: TrainConfig, splits, learner, folder: Path) -> dict:
+def _run_description(config: TrainConfig, splits: DataSplits, learner: Learner, folder: Path) -> dict:
     """config.json: every setting, then what they resolved to on this machine."""
     import dataclasses
     import platform
@@ -327,13 +364,16 @@ def _run_description(config: TrainConfig, splits, learner, folder: Path) -> dict
                          "valid_images": len(splits.valid_images),
                          "test_images": len(splits.test_images), "steps_per_epoch": steps,
                          "total_steps": steps * config.epochs, "framework": learner.framework,
-                         "backend": learner.backend, "run_folder": str(folder),
+                         "backend": learner.backend,
+                         "compile_seconds": learner.compile_seconds, "run_folder": str(folder),
                          "command": sys.argv, "python": platform.python_version(),
                          "numpy": np.__version__, "numpylenet": __version__,
                          "machine": platform.machine(), "cpus": os.cpu_count()}}
 
 
-def _announce(config: TrainConfig, splits, learner, folder: Path, progress, prog: str) -> None:
+def _announce(session: Session, prog: str) -> None:
+    """Say what is about to happen - and, loudly, when the data is only the bundled sample."""
+    config, splits, learner = session.config, session.splits, session.learner
     if splits.fallback_reason:
         banner = "!" * 100
         print(f"{banner}\n{prog}: WARNING: full MNIST is not available, so this run trains on the "
@@ -347,13 +387,16 @@ def _announce(config: TrainConfig, splits, learner, folder: Path, progress, prog
           f"{len(splits.valid_images):,} valid / {len(splits.test_images):,} test images; "
           f"{config.optimizer} {schedule}lr {config.lr:g}, batch {config.batch_size}, "
           f"{config.epochs} epochs, augment {augment}, {config.activation}/{config.pool} "
-          f"{config.dtype}, {learner.framework} ({learner.backend}); run folder {folder}", flush=True)
-    if progress.epoch or progress.step:
-        print(f"resuming at epoch {progress.epoch + 1}, step {progress.step + 1}", flush=True)
+          f"{config.dtype}, {learner.framework} ({learner.backend}); run folder {session.folder}", flush=True)
+    if learner.compile_seconds > 0.5:
+        print(f"{learner.backend} kernels ready after {learner.compile_seconds:.1f} s of compiling "
+              f"(cached on disk for the next run)", flush=True)
+    if session.resumed:
+        print(f"resuming at epoch {session.progress.epoch + 1}, step {session.progress.step + 1}",
+              flush=True)
 
 
-def _finish(config: TrainConfig, splits, learner, folder: Path, progress, history: list[dict],
-            session_seconds: float) -> dict:
+def _finish(session: Session, session_seconds: float) -> dict:
     """Test the best-validation weights, draw the figures, write summary.json; return the summary."""
     import numpy as np
 
@@ -363,6 +406,8 @@ def _finish(config: TrainConfig, splits, learner, folder: Path, progress, histor
     from .loop import evaluate
     from .pipeline import Stream, evaluation_batches, generator, transform
 
+    config, splits, learner, folder = session.config, session.splits, session.learner, session.folder
+    progress, history = session.progress, session.history
     if (folder / "best.npz").is_file():
         learner.load_state(load_checkpoint(folder / "best.npz").model, None)
     test = evaluate(learner, evaluation_batches(splits.test_images, splits.test_labels, config,

@@ -38,6 +38,7 @@ class TorchLearner:
     """
 
     framework = "torch"
+    compile_seconds = 0.0
 
     def __init__(self, config: TrainConfig):
         if config.threads is not None:
@@ -47,7 +48,8 @@ class TorchLearner:
         self.dtype = TORCH_DTYPES[config.dtype]
         self.model = TorchLeNet5(config.activation, config.pool).to(self.dtype)
         copy_numpy_to_torch(LeNet5(activation=config.activation, pool=config.pool,
-                                   dtype=np.dtype(config.dtype), seed=config.seed), self.model)
+                                   dtype=np.dtype(config.dtype), seed=config.seed, backend="numpy"),
+                           self.model)
         self.params = list(self.model.parameters())
         if config.optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.params, lr=config.lr, weight_decay=config.weight_decay)

@@ -126,7 +126,7 @@ class InterruptAt(NumpyLearner):
 
 @pytest.mark.parametrize("interrupt_at_step", [4, 6])   # mid-epoch; the last step of epoch 1
 def test_resume_after_ctrl_c_equals_uninterrupted_run(capsys, tmp_path, interrupt_at_step):
-    flags = [*TINY, "--dtype", "float64"]
+    flags = [*TINY, "--dtype", "float64", "--backend", "numpy"]
     assert train(capsys, *flags, "--out", tmp_path / "whole")[0] == 0
     interrupting = type("Interrupting", (InterruptAt,), {"at": interrupt_at_step})
     code, _, err = train(capsys, *flags, "--out", tmp_path / "split", make_learner=interrupting)
@@ -337,7 +337,7 @@ def test_reference_train_follows_the_same_trajectory(capsys, tmp_path):
     runs end at the same weights to round-off."""
     from reference.train import main as reference_main
 
-    flags = [*TINY, "--epochs", "1", "--dtype", "float64"]
+    flags = [*TINY, "--epochs", "1", "--dtype", "float64", "--backend", "numpy"]
     assert train(capsys, *flags, "--out", tmp_path / "ours")[0] == 0
     assert reference_main([*flags, "--out", str(tmp_path / "torch")]) == 0
     ours, theirs = arrays(tmp_path / "ours" / "last.npz"), arrays(tmp_path / "torch" / "last.npz")
