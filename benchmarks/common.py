@@ -40,7 +40,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 __all__ = ["REPO", "RESULTS", "make_parser", "data_dir", "set_threads", "thread_report", "Machine",
            "detect_machine", "vector_isa", "versions", "metadata", "Timing", "interleaved_timings",
-           "markdown_table", "write_json", "save_figure", "forward_flops_per_image",
+           "throughput_rows", "throughput_table", "markdown_table", "publish", "write_json", "save_figure", "forward_flops_per_image",
            "training_flops_per_image"]
 
 
@@ -344,6 +344,45 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join(rule) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def throughput_rows(timings: Mapping[tuple[str, int], Timing], flops_per_image: int,
+                    peak_flops: float, baseline: str = "torch") -> list[dict]:
+    """Per (framework, batch size) timing of one batch: images/s, the speed relative to
+    ``baseline`` at the same batch size, and the share of ``peak_flops`` (FLOP/s) that reaches.
+    Sorted by batch size, the baseline first."""
+    rows = []
+    for (framework, batch_size), timing in timings.items():
+        images_per_second = batch_size / timing.median
+        rows.append({"framework": framework, "batch_size": batch_size,
+                     "images_per_second": images_per_second,
+                     f"speed_vs_{baseline}": timings[baseline, batch_size].median / timing.median,
+                     "share_of_peak": images_per_second * flops_per_image / peak_flops,
+                     "timing": timing.to_json()})
+    rows.sort(key=lambda row: (row["batch_size"], row["framework"] != baseline, row["framework"]))
+    return rows
+
+
+def throughput_table(rows: Sequence[dict], cores: int, baseline: str = "torch") -> str:
+    """The Markdown table of :func:`throughput_rows`; ``cores``: how many the peak counts."""
+    return markdown_table(
+        ["batch", "framework", "images/s", f"speed vs {baseline}",
+         f"share of FP32 peak ({cores} core{'s' if cores > 1 else ''})"],
+        [[f"{row['batch_size']:,}", row["framework"], f"{row['images_per_second']:,.0f}",
+          f"{row[f'speed_vs_{baseline}']:.2f}x", f"{100 * row['share_of_peak']:.1f}%"] for row in rows],
+        align="rlrrr")
+
+
+def publish(args: argparse.Namespace, name: str, content: dict, note: str = "") -> dict:
+    """Finish a benchmark: write ``<out>/<name>.json`` - ``benchmark``, ``meta`` (see
+    :func:`metadata`), then ``content``, which holds the Markdown table as ``markdown`` - and print
+    the machine, the table and ``note``. Returns what was written."""
+    meta = metadata(args)
+    result = {"benchmark": name, "meta": meta, **content}
+    path = write_json(args.out, name, result)
+    print(f"{meta['machine_summary']}; threads {args.threads}\n\n{content['markdown']}"
+          f"{note and chr(10) * 2 + note}\n\nwrote {path}")
+    return result
 
 
 def write_json(out: Path, name: str, content: dict) -> Path:

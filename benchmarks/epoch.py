@@ -178,18 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
         timed = {name: (lambda name=name: figures[name].append(runs[name]())) for name in runs}
         common.interleaved_timings(timed, args.repeats, warmup=0)
     summary = summarise(figures)
-    table = markdown(summary)
-    meta = common.metadata(args)
-    content = {"benchmark": NAME, "meta": meta, "recipe": "seed",
-               "dataset": "mnist-sample" if args.quick else "mnist",
-               "train_images": next((e["train_images"] for e in summary.values() if "train_images" in e), None),
-               "unit": "seconds per epoch (median)", "contenders": summary, "markdown": table}
-    path = common.write_json(args.out, NAME, content)
     note = ("" if not args.quick else
-            f"\n\n--quick: numpylenet rows train on {QUICK_TRAIN_IMAGES} images; the notebook's row "
+            f"--quick: numpylenet rows train on {QUICK_TRAIN_IMAGES} images; the notebook's row "
             f"on the whole sample: not comparable.")
-    print(f"{meta['machine_summary']}; threads {args.threads}\n\n{table}{note}\n\nwrote {path}")
-    return content
+    return common.publish(args, NAME, {
+        "recipe": "seed", "dataset": "mnist-sample" if args.quick else "mnist",
+        "train_images": next((e["train_images"] for e in summary.values() if "train_images" in e), None),
+        "unit": "seconds per epoch (median)", "contenders": summary, "markdown": markdown(summary)},
+        note)
 
 
 if __name__ == "__main__":

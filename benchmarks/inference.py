@@ -57,37 +57,18 @@ def main(argv: list[str] | None = None) -> dict:
     flops = common.forward_flops_per_image()
 
     rng = np.random.default_rng(0)
-    contenders, sizes = {}, {}
+    contenders = {}
     for batch_size in args.batch_sizes:
         x = rng.random((batch_size, 1, 32, 32), dtype=np.float32)
         for framework, function in forward_functions(x).items():
             contenders[framework, batch_size] = function
-            sizes[framework, batch_size] = batch_size
     timings = common.interleaved_timings(contenders, args.repeats,
                                          min_repeat_seconds=0.0 if args.quick else 0.2)
-
-    rows = []
-    for (framework, batch_size), timing in timings.items():
-        images_per_second = batch_size / timing.median
-        torch_seconds = timings["torch", batch_size].median
-        rows.append({"framework": framework, "batch_size": batch_size,
-                     "images_per_second": images_per_second,
-                     "speed_vs_torch": torch_seconds / timing.median,
-                     "share_of_peak": images_per_second * flops / peak, "timing": timing.to_json()})
-    rows.sort(key=lambda row: (row["batch_size"], row["framework"] != "torch", row["framework"]))
-    cores = min(args.threads, machine.cores)
-    table = common.markdown_table(
-        ["batch", "framework", "images/s", "speed vs torch", f"share of FP32 peak ({cores} core{'s' if cores > 1 else ''})"],
-        [[f"{row['batch_size']:,}", row["framework"], f"{row['images_per_second']:,.0f}",
-          f"{row['speed_vs_torch']:.2f}x", f"{100 * row['share_of_peak']:.1f}%"] for row in rows],
-        align="rlrrr")
-    meta = common.metadata(args)
-    content = {"benchmark": NAME, "meta": meta, "dtype": "float32",
-               "forward_flops_per_image": flops, "peak_flops_for_threads": peak,
-               "batch_sizes": args.batch_sizes, "rows": rows, "markdown": table}
-    path = common.write_json(args.out, NAME, content)
-    print(f"{meta['machine_summary']}; threads {args.threads}\n\n{table}\n\nwrote {path}")
-    return content
+    rows = common.throughput_rows(timings, flops, peak)
+    table = common.throughput_table(rows, min(args.threads, machine.cores))
+    return common.publish(args, NAME, {
+        "dtype": "float32", "forward_flops_per_image": flops, "peak_flops_for_threads": peak,
+        "batch_sizes": args.batch_sizes, "rows": rows, "markdown": table})
 
 
 if __name__ == "__main__":

@@ -246,20 +246,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats = min(args.repeats, 2)
+        args.repeats = 1
     common.set_threads(args.threads)
     results = measure(args.batch_size, args.repeats, min_repeat_seconds=0.0 if args.quick else 0.05)
     frameworks = [f for f in FRAMEWORKS if f in results]
     rows = table_rows(results)
-    meta = common.metadata(args)
-    table = markdown(rows, frameworks, args.batch_size)
-    content = {"benchmark": NAME, "meta": meta, "batch_size": args.batch_size, "dtype": "float32",
-               "frameworks": frameworks, "unit": "seconds per call (median)", "rows": rows,
-               "timings": results, "markdown": table}
-    path = common.write_json(args.out, NAME, content)
     plot(rows, frameworks, args.out, args.batch_size)
-    print(f"{meta['machine_summary']}; threads {args.threads}\n\n{table}\n\nwrote {path}")
-    return content
+    return common.publish(args, NAME, {
+        "batch_size": args.batch_size, "dtype": "float32", "frameworks": frameworks,
+        "unit": "seconds per call (median)", "rows": rows, "timings": results,
+        "markdown": markdown(rows, frameworks, args.batch_size)})
 
 
 if __name__ == "__main__":
