@@ -40,7 +40,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 __all__ = ["REPO", "RESULTS", "make_parser", "data_dir", "set_threads", "thread_report", "Machine",
            "detect_machine", "vector_isa", "versions", "metadata", "Timing", "interleaved_timings",
-           "throughput_rows", "throughput_table", "markdown_table", "publish", "write_json", "save_figure", "forward_flops_per_image",
+           "throughput", "throughput_rows", "throughput_table", "markdown_table", "publish", "write_json", "save_figure", "forward_flops_per_image",
            "training_flops_per_image"]
 
 
@@ -344,6 +344,27 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join(rule) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def throughput(args: argparse.Namespace, functions: Callable[[int, "np.random.Generator"], dict],
+               flops_per_image: int, *, min_repeat_seconds: float, warmup: int = 1) -> tuple[list[dict], str, float]:
+    """Images per second of per-batch functions at every ``args.batch_sizes``, interleaved.
+
+    ``functions(batch_size, rng)`` returns framework -> a function processing one batch of that
+    size (the baseline framework, "torch", among them). Returns the rows of
+    :func:`throughput_rows`, their Markdown table, and the FP32 peak (FLOP/s) of the threads used.
+    """
+    import numpy as np
+
+    machine = detect_machine(args.clock_ghz, args.flop_per_cycle)
+    peak = machine.peak_gflops_for(args.threads) * 1e9
+    rng = np.random.default_rng(0)
+    contenders = {(framework, batch_size): function for batch_size in args.batch_sizes
+                  for framework, function in functions(batch_size, rng).items()}
+    timings = interleaved_timings(contenders, args.repeats, min_repeat_seconds=min_repeat_seconds,
+                                  warmup=warmup)
+    rows = throughput_rows(timings, flops_per_image, peak)
+    return rows, throughput_table(rows, min(args.threads, machine.cores)), peak
 
 
 def throughput_rows(timings: Mapping[tuple[str, int], Timing], flops_per_image: int,

@@ -19,14 +19,15 @@ from benchmarks import common
 NAME = "inference"
 
 
-def forward_functions(x: np.ndarray) -> dict[str, Callable[[], object]]:
-    """Framework -> a function computing the logits of ``x`` (N, 1, 32, 32)."""
+def forward_functions(batch_size: int, rng: np.random.Generator) -> dict[str, Callable[[], object]]:
+    """Framework -> a function computing the logits of one random batch (batch_size, 1, 32, 32)."""
     import torch
 
     from numpylenet import LeNet5
     from numpylenet.backend import numba_unavailable_reason
     from reference.lenet import TorchLeNet5, copy_numpy_to_torch
 
+    x = rng.random((batch_size, 1, 32, 32), dtype=np.float32)
     functions = {}
     torch_model = TorchLeNet5()
     copy_numpy_to_torch(LeNet5(seed=0, backend="numpy"), torch_model)
@@ -52,20 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.repeats, args.batch_sizes = 1, [1, 100]
     common.set_threads(args.threads)
-    machine = common.detect_machine(args.clock_ghz, args.flop_per_cycle)
-    peak = machine.peak_gflops_for(args.threads) * 1e9
     flops = common.forward_flops_per_image()
-
-    rng = np.random.default_rng(0)
-    contenders = {}
-    for batch_size in args.batch_sizes:
-        x = rng.random((batch_size, 1, 32, 32), dtype=np.float32)
-        for framework, function in forward_functions(x).items():
-            contenders[framework, batch_size] = function
-    timings = common.interleaved_timings(contenders, args.repeats,
-                                         min_repeat_seconds=0.0 if args.quick else 0.2)
-    rows = common.throughput_rows(timings, flops, peak)
-    table = common.throughput_table(rows, min(args.threads, machine.cores))
+    rows, table, peak = common.throughput(args, forward_functions, flops,
+                                          min_repeat_seconds=0.0 if args.quick else 0.2)
     return common.publish(args, NAME, {
         "dtype": "float32", "forward_flops_per_image": flops, "peak_flops_for_threads": peak,
         "batch_sizes": args.batch_sizes, "rows": rows, "markdown": table})
