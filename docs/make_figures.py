@@ -166,7 +166,7 @@ def train_twins(batches, valid: tuple[np.ndarray, np.ndarray] | None, dtype):
 
     Returns the trained numpylenet model and the two frameworks' :class:`Curves`.
     """
-    model = LeNet5(dtype=dtype, seed=SEED)
+    model = LeNet5(dtype=dtype, seed=SEED, backend="numpy")    # the path the tour explains
     twin = TorchLeNet5("relu", "avg").to({np.float32: torch.float32, np.float64: torch.float64}[dtype])
     copy_numpy_to_torch(model, twin)
     learners = {"numpylenet": (model, Adam(model.parameters(), lr=LR), numpy_step,
