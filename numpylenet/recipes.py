@@ -7,9 +7,14 @@
 ``default``
     A recipe designed for accuracy per second: the same shifts of up to 2 pixels but no flips
     (a mirrored 2, 3, 4, 5, 7 or 9 is not a digit), centred and unaugmented validation and test
-    images, inputs normalised by the training set's mean and standard deviation, batch 128, and Adam
-    under a one-cycle learning-rate schedule peaking at 3e-3 over 12 epochs. It reaches >= 99.3%
+    images, inputs normalised by the training set's mean and standard deviation, batch 64, and Adam
+    under a one-cycle learning-rate schedule peaking at 3e-3 over 15 epochs. It reaches >= 99.3%
     on MNIST; nothing in it is MNIST-specific, so it runs unchanged on Fashion-MNIST.
+
+    Why these values (torch prototypes on full MNIST, seed 0): batch 128 for 12 epochs at 3e-3 gave
+    99.30%, batch 128 for 15 epochs at 4e-3 99.28%, batch 64 for 15 epochs at 3e-3 99.36% (seed 1:
+    99.34%). Smaller batches take more, noisier steps, which helps here; 15 epochs of batch 64 are
+    810,000 images, under a minute at the numba backend's training speed.
 
 A run's settings are the recipe's values with any explicitly given flag on top (see
 :func:`make_config`).
@@ -92,8 +97,8 @@ RECIPES: dict[str, dict] = {
                  batch_size=32, optimizer="adam", lr=1e-4, schedule="constant", momentum=0.9,
                  weight_decay=0.0),
     "default": dict(valid_size=0.1, augment=True, augmentation="shift", eval_crop="center",
-                    normalize=True, activation="relu", pool="avg", dtype="float32", epochs=12,
-                    batch_size=128, optimizer="adam", lr=3e-3, schedule="one-cycle", momentum=0.9,
+                    normalize=True, activation="relu", pool="avg", dtype="float32", epochs=15,
+                    batch_size=64, optimizer="adam", lr=3e-3, schedule="one-cycle", momentum=0.9,
                     weight_decay=0.0),
 }
 
