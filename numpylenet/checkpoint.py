@@ -103,6 +103,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         parts = {name: json.loads(str(arrays[name])) for name in JSON_ENTRIES}
     except json.JSONDecodeError as error:
         raise CheckpointError(f"checkpoint {path} is corrupt: bad JSON ({error})") from None
+    expected = {"config": dict, "progress": dict, "history": list}
+    wrong = [name for name, kind in expected.items() if not isinstance(parts[name], kind)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is corrupt: malformed {', '.join(wrong)}")
     model = {name[len("model/"):]: value for name, value in arrays.items() if name.startswith("model/")}
     optimizer = {name[len("optimizer/"):]: value for name, value in arrays.items()
                  if name.startswith("optimizer/")}

@@ -286,7 +286,10 @@ def _prepare(args: argparse.Namespace, make_learner: Callable) -> Session:
 
     progress, history = Progress(dataset=splits.dataset), []
     if checkpoint is not None:
-        progress = Progress.from_json(checkpoint.progress)
+        try:
+            progress = Progress.from_json(checkpoint.progress)
+        except TypeError as error:
+            raise RunError(f"checkpoint {args.resume} is corrupt: malformed progress ({error})") from None
         if progress.dataset != splits.dataset:
             raise RunError(f"checkpoint {args.resume} was trained on {progress.dataset}, "
                            f"but this run loads {splits.dataset}")
@@ -389,8 +392,8 @@ def _announce(session: Session, prog: str) -> None:
           f"{config.epochs} epochs, augment {augment}, {config.activation}/{config.pool} "
           f"{config.dtype}, {learner.framework} ({learner.backend}); run folder {session.folder}", flush=True)
     if learner.compile_seconds > 0.5:
-        print(f"{learner.backend} kernels ready after {learner.compile_seconds:.1f} s of compiling "
-              f"(cached on disk for the next run)", flush=True)
+        print(f"{learner.backend} kernels ready in {learner.compile_seconds:.1f} s (compiled, or loaded "
+              f"from Numba's disk cache)", flush=True)
     if session.resumed:
         print(f"resuming at epoch {session.progress.epoch + 1}, step {session.progress.step + 1}",
               flush=True)

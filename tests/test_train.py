@@ -199,13 +199,17 @@ def corrupt(path: Path, target: Path, how: str) -> Path:
         entries = arrays(path)
         entries["model/fc1.weight"] = np.zeros((84, 121), dtype=np.float32)
         np.savez(target, **entries)
+    elif how == "bad-json":
+        entries = arrays(path)
+        entries["progress"] = np.array("{not json")
+        np.savez(target, **entries)
     elif how == "empty":
         target.write_bytes(b"")
     return target
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "flipped", "missing-config", "wrong-shape",
-                                 "empty"])
+                                 "bad-json", "empty"])
 def test_corrupt_checkpoint_gives_clear_error(capsys, tmp_path, run, how):
     damaged = corrupt(run / "last.npz", tmp_path / "damaged.npz", how)
     for main, args in ((train_main, ["--resume", str(damaged), "--out", str(tmp_path / "x")]),
