@@ -1,4 +1,4 @@
-"""Run every benchmark, then rewrite README.md's benchmark tables from their results.
+"""Run every benchmark, then rewrite the benchmark tables in README.md and docs/tour.md.
 
     python -m benchmarks.all [--quick] [--threads 2] [--out DIR] [--only NAME ...] [--no-run]
                              [--readme PATH | --no-readme]
@@ -8,16 +8,17 @@ passing on ``--quick``, ``--threads`` and ``--out`` when the script accepts them
 ``--help``). In quick mode a script without ``--quick`` is skipped rather than run at full size.
 A failing benchmark is reported and the others still run; the exit status is 1 if any failed.
 
-Then, unless ``--quick`` or ``--no-readme``, every README block between
+Then, unless ``--quick`` or ``--no-readme``, every block of README.md and docs/tour.md between
 ``<!-- benchmarks:<name> -->`` and ``<!-- /benchmarks:<name> -->`` is replaced by that benchmark's
 latest table, with the machine, the threads, the versions and the date above it. A table comes from
 ``<out>/<name>.json`` (its ``markdown`` and ``meta`` fields, as :mod:`benchmarks.common` writes
-them) or, failing that, from ``<out>/<name>.md``. ``--no-run`` only rewrites the README.
+them) or, failing that, from ``<out>/<name>.md``. ``--no-run`` only rewrites the documents.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,7 +28,8 @@ from pathlib import Path
 from benchmarks.common import REPO, RESULTS
 
 BENCHMARKS = ("step", "inference", "layers", "epoch", "parity", "data_epoch")
-README = REPO / "README.md"
+# Documents whose marked blocks hold benchmark tables.
+DOCUMENTS = (REPO / "README.md", REPO / "docs" / "tour.md")
 
 
 def accepted_flags(name: str) -> set[str] | None:
@@ -81,9 +83,9 @@ def run_all(args: argparse.Namespace) -> list[str]:
     return failed
 
 
-def section(name: str, out: Path) -> str | None:
-    """The README block of one benchmark: who measured what where, then its table; None if no
-    results exist."""
+def section(name: str, out: Path, document: Path) -> str | None:
+    """The block of one benchmark in ``document``: who measured what where, then its table (and
+    figure, linked relative to the document); None if no results exist."""
     result, table, figure = out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"
     body = None
     if result.is_file():
@@ -92,11 +94,12 @@ def section(name: str, out: Path) -> str | None:
             body = f"{describe_run(content['meta'])}\n\n{content['markdown'].strip()}"
     if body is None and table.is_file():
         lines = table.read_text().strip().splitlines()
-        if lines and lines[0].startswith("# "):     # its own title: the README has one already
+        if lines and lines[0].startswith("# "):     # its own title: the document has one already
             lines[0] = f"*{lines[0][2:].strip()}*"
         body = "\n".join(lines)
     if body is not None and figure.is_file() and figure.resolve().is_relative_to(REPO):
-        body += f"\n\n![{name}]({figure.resolve().relative_to(REPO).as_posix()})"
+        link = Path(os.path.relpath(figure.resolve(), document.resolve().parent)).as_posix()
+        body += f"\n\n![{name}]({link})"
     return body
 
 
@@ -113,7 +116,7 @@ def update_readme(readme: Path, out: Path, names) -> list[str]:
     """Replace each benchmark's marked block in ``readme``; return the names updated."""
     text, updated = readme.read_text(), []
     for name in names:
-        body = section(name, out)
+        body = section(name, out, readme)
         pattern = re.compile(rf"(<!-- benchmarks:{name} -->\n).*?(<!-- /benchmarks:{name} -->)", re.S)
         if body is None or not pattern.search(text):
             continue
@@ -129,17 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="passed to every benchmark (default 2)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
-    parser.add_argument("--no-run", action="store_true", help="only rewrite the README from existing results")
-    parser.add_argument("--readme", type=Path, default=README, help="the README to rewrite (default README.md)")
-    parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    parser.add_argument("--no-run", action="store_true", help="only rewrite the documents from existing results")
+    parser.add_argument("--readme", type=Path, nargs="+", default=list(DOCUMENTS),
+                        help="the documents to rewrite (default README.md and docs/tour.md)")
+    parser.add_argument("--no-readme", action="store_true", help="leave the documents alone")
     args = parser.parse_args(argv)
 
     failed = [] if args.no_run else run_all(args)
-    # Quick figures are for smoke tests, never for the README (unless a README is named explicitly).
+    # Quick figures are for smoke tests, never for the documents (unless one is named explicitly).
     explicit_readme = "--readme" in (argv if argv is not None else sys.argv[1:])
     if not args.no_readme and (not args.quick or explicit_readme):
-        updated = update_readme(args.readme, args.out, args.only or BENCHMARKS)
-        print(f"{args.readme}: updated {', '.join(updated) or 'nothing'}")
+        for document in args.readme:
+            if document.is_file():
+                updated = update_readme(document, args.out, args.only or BENCHMARKS)
+                print(f"{document}: updated {', '.join(updated) or 'nothing'}")
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
