@@ -51,7 +51,7 @@ def step_functions(x: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[], 
         def numpylenet_step(model=model, optimizer=optimizer):
             model.zero_grad()
             loss, grad_logits = softmax_cross_entropy(model.forward(x), labels)
-            model.backward(grad_logits)
+            model.backward(grad_logits, input_grad=False)     # torch's step skips dL/dx too
             optimizer.step()
             return loss
 

@@ -1,31 +1,28 @@
 """Numba kernels that run the whole LeNet-5 fused, on every core, with BLAS for the matrix products.
 
 The NumPy layers (:mod:`numpylenet.layers`) are the readable reference: one layer at a time, NCHW,
-each a forward/backward pair. This module computes the same numbers faster, by changing *where*
+each a forward/backward pair. This module computes the same numbers faster by changing *where*
 the work happens, never *what* is computed:
 
 * **One pass per thread.** The batch is split into one contiguous slice of images per thread
-  (``prange``); each thread carries its images through every layer, so no layer waits for the
-  others and no two threads ever write the same memory.
-* **Per-thread gradient buffers.** Each thread accumulates dL/dW for its images into its own
-  copy of the flat gradient, and the copies are added into ``flat_grad`` once per step.
-* **Channels-last inside.** Convolution outputs are stored (N, OH, OW, C), the layout in which
-  ``cols @ W^T`` leaves them, so im2col -> matrix product -> bias + activation -> pooling needs
-  no transposes. Weights keep torch's layout (C_out, C_in kh kw), used as is.
+  (``prange``); each thread carries its images through every layer, so there is one parallel
+  region per pass instead of one per layer, and no two threads ever write the same memory.
+* **Per-thread gradients.** Each thread adds dL/dW for its images into its own zeroed copy of
+  the flat gradient; their sum is added into ``flat_grad`` once per step.
 * **BLAS from inside Numba.** The matrix products call NumPy's own OpenBLAS ``?gemm`` directly
-  (single-threaded: the parallelism is the one ``prange`` above), on sub-batches of
-  ``SUB_BATCH`` images whose im2col matrices fit in the core's L2 cache.
-* **Fused pointwise work.** Bias + activation run in place on the product; pooling reads the
-  activation once; the pooling backward, the activation derivative and the bias gradient are one
-  pass. The optimisers update the flat parameter buffer in one loop.
-
-The im2col layout here is channels-last (see :func:`im2col`): one ROW per output pixel
-``(n, oh, ow)`` and one COLUMN per filter weight ``(c, i, j)``; it is the transpose of the NumPy
-reference's ``cols``, with the same ``(c, i, j)`` order, so that ``cols @ W_mat^T`` is the
-convolution with ``W_mat = weight.reshape(C_out, C_in kh kw)``.
+  (single-threaded: the parallelism is the ``prange`` above), on sub-batches of ``SUB_BATCH``
+  images whose im2col matrices stay in the core's L2 cache.
+* **Channels-last inside.** Convolution outputs are stored (N, OH, OW, C), the layout in which
+  ``cols @ W^T`` leaves them, so im2col -> product -> bias + activation -> pooling needs no
+  transposes. conv1 unfolds its single-channel input in the reference's im2col layout (long
+  contiguous copies); conv2 unfolds channels-last (:func:`im2col_channels_last`) against its
+  weights reordered to (i, j, c) once per pass.
+* **Fused pointwise work.** Bias + activation run in place on the product; the pooling backward
+  and the activation derivative are one pass. The optimisers update the flat parameter buffer in
+  one parallel loop.
 
 Every kernel is compiled with ``cache=True``; :func:`warmup` compiles (or loads) them all and
-returns the seconds that took.
+returns the seconds it took.
 """
 from __future__ import annotations
 
@@ -41,10 +38,12 @@ import llvmlite.binding as llvm
 __all__ = [
     "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
     "PARAMETER_SHAPES", "SUB_BATCH", "BLAS_LIBRARY",
-    "gemm", "im2col", "col2im", "bias_activation", "activation_backward", "pool_forward",
-    "pool_activation_backward", "lenet_forward", "lenet_backward", "adam_step", "sgd_step",
-    "blas_threads", "set_blas_threads", "warmup",
+    "NUM_PARAMETERS", "kernel", "gemm", "im2col", "col2im", "im2col_channels_last",
+    "col2im_channels_last", "permute_conv_weight", "add_unpermuted_conv_weight", "bias_activation",
+    "activation_backward", "pool_forward", "pool_activation_backward", "lenet_forward",
+    "lenet_backward", "adam_step", "sgd_step", "blas_threads", "set_blas_threads", "warmup",
 ]
+
 
 def kernel(function=None, **options):
     """``numba.njit`` as every kernel here uses it: cached on disk, and with NumPy's error model
@@ -73,7 +72,7 @@ _OFFSETS = tuple(int(o) for o in np.concatenate([[0], np.cumsum(_SIZES)]))
 NUM_PARAMETERS = _OFFSETS[-1]
 KERNEL = 5          # every LeNet-5 convolution is 5x5, stride 1, no padding
 POOL = 2            # every pooling window is 2x2, stride 2
-# Images per im2col sub-batch: conv1's cols (SUB_BATCH * 784, 25) and conv2's (SUB_BATCH * 100, 150)
+# Images per im2col sub-batch: conv1's cols (25, SUB_BATCH * 784) and conv2's (SUB_BATCH * 100, 150)
 # then take 300 KB and 240 KB in float32, so each stays in a 512 KB L2 cache.
 SUB_BATCH = 4
 
@@ -293,6 +292,17 @@ def permute_conv_weight(weight, kernel_area, permuted):
                 permuted[o, k * in_c + c] = weight[o, c * kernel_area + k]
 
 
+@kernel
+def add_unpermuted_conv_weight(permuted, kernel_area, weight):
+    """The inverse of :func:`permute_conv_weight`, added: weight[o, (c, k)] += permuted[o, (k, c)]."""
+    out_c, size = weight.shape
+    in_c = size // kernel_area
+    for o in range(out_c):
+        for c in range(in_c):
+            for k in range(kernel_area):
+                weight[o, c * kernel_area + k] += permuted[o, k * in_c + c]
+
+
 # --------------------------------------------------------------------------------------------
 # Pointwise: bias + activation, activation derivative
 # --------------------------------------------------------------------------------------------
@@ -445,20 +455,6 @@ def _unpack(flat):
             flat[o[8]:o[9]].reshape(10, 84), flat[o[9]:o[10]])
 
 
-def gradient_gather_order() -> np.ndarray:
-    """Index map from ``flat_grad`` to a per-thread gradient buffer.
-
-    The threads accumulate conv2's weight gradient in the (i, j, c) order of
-    :func:`im2col_channels_last`; everything else is in the flat buffer's own order.
-    ``flat_grad[f] += thread_grads[t, order[f]]``.
-    """
-    order = np.arange(NUM_PARAMETERS)
-    start = _OFFSETS[2]
-    thread_index = np.arange(16 * 25 * 6).reshape(16, 25, 6)       # [c_out, (i, j), c_in]
-    order[start:start + 2400] = start + thread_index.transpose(0, 2, 1).ravel()
-    return order
-
-
 @kernel
 def _dense_forward(x, weight, bias, activation, y):
     """y = f(x @ W^T + b): x (n, in), weight (out, in), y (n, out)."""
@@ -522,11 +518,15 @@ def lenet_forward(x, params, activation, pool, w2, y1, p1, y2, p2, y3, y4, logit
 @kernel
 def _backward_images(x, params, w2, activation, pool, grad_logits, y1, p1, y2, p2, y3, y4,
                      grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols1, cols2,
-                     grads, grad_x, input_grad):
-    """:func:`lenet_backward` for one thread's slice of the batch, into its own ``grads``."""
+                     grad_w2, grads, grad_x, input_grad):
+    """:func:`lenet_backward` for one thread's slice of the batch, ADDED into ``grads`` (flat).
+
+    conv2's weight gradient is accumulated in the (i, j, c) order of ``w2`` in ``grad_w2``
+    (16, 150), and added into ``grads`` in torch's order at the end.
+    """
     w1, _, _, _, w3, _, w4, _, w5, _ = _unpack(params)
-    grads[:] = 0
     gw1, gb1, gw2, gb2, gw3, gb3, gw4, gb4, gw5, gb5 = _unpack(grads)
+    grad_w2[:] = 0
     n = x.shape[0]
     _dense_backward(grad_logits, y4, w5, gw5, gb5, grad_y4)
     activation_backward(grad_y4, y4, activation)
@@ -537,14 +537,14 @@ def _backward_images(x, params, w2, activation, pool, grad_logits, y1, p1, y2, p
         stop = min(start + SUB_BATCH, n)
         count = stop - start
         rows1, rows2 = count * 784, count * 100
-        # conv2 (its weight gradient in the (i, j, c) order of its weights here).
+        # conv2
         pool_activation_backward(grad_p2[start:stop].transpose(0, 2, 3, 1), y2[start:stop], pool,
                                  activation, POOL, POOL, grad_z2[:count])
         g2 = grad_z2[:count].reshape(rows2, 16)
         _add_column_sums(g2, gb2)
         window2 = cols2[:rows2 * 150].reshape(rows2, 150)
         im2col_channels_last(p1[start:stop], KERNEL, KERNEL, window2)
-        gemm(g2, window2, gw2, True, False, 1.0)              # dW += dZ^T @ cols
+        gemm(g2, window2, grad_w2, True, False, 1.0)           # dW += dZ^T @ cols
         gemm(g2, w2, window2, False, False)                    # dcols = dZ @ W
         grad_p1[:count] = 0
         col2im_channels_last(window2, KERNEL, KERNEL, grad_p1[:count])
@@ -560,34 +560,40 @@ def _backward_images(x, params, w2, activation, pool, grad_logits, y1, p1, y2, p
             gemm(w1, g1, window1, True, True)                  # dcols = W^T @ dZ^T
             grad_x[start:stop] = 0
             col2im(window1, KERNEL, KERNEL, grad_x[start:stop])
+    add_unpermuted_conv_weight(grad_w2, KERNEL * KERNEL, gw2)
 
 
 @kernel(parallel=True)
 def lenet_backward(x, params, activation, pool, grad_logits, w2, y1, p1, y2, p2, y3, y4,
-                   grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols1, cols2,
-                   thread_grads, gather_order, flat_grad, grad_x, input_grad):
+                   grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols1, cols2, grad_w2,
+                   thread_grads, flat_grad, grad_x, input_grad):
     """LeNet-5's backward pass from dL/dlogits (N, 10), using what :func:`lenet_forward` stored.
 
     Adds dL/dW to ``flat_grad`` (61,706,) and, if ``input_grad``, writes dL/dx into
     grad_x (N, 1, 32, 32). Batch-sized scratch: grad_y4 (N, 84), grad_y3 (N, 120),
     grad_p2 (N, 16, 5, 5). Per-thread scratch: grad_z1 (T, SUB_BATCH, 28, 28, 6),
     grad_p1 (T, SUB_BATCH, 14, 14, 6), grad_z2 (T, SUB_BATCH, 10, 10, 16), cols1, cols2 as in
-    forward, thread_grads (T, 61,706): each thread's gradient, added into flat_grad at the end
-    through ``gather_order`` (:func:`gradient_gather_order`).
+    forward, grad_w2 (T, 16, 150), thread_grads (T, 61,706): each thread's gradient, whose sum is
+    added into flat_grad at the end.
     """
     n_images, threads = x.shape[0], cols1.shape[0]
     permute_conv_weight(_unpack(params)[2], KERNEL * KERNEL, w2)
     for t in prange(threads):
         lo, hi = t * n_images // threads, (t + 1) * n_images // threads
+        thread_grads[t, :] = 0
         _backward_images(x[lo:hi], params, w2, activation, pool, grad_logits[lo:hi], y1[lo:hi],
                          p1[lo:hi], y2[lo:hi], p2[lo:hi], y3[lo:hi], y4[lo:hi], grad_y4[lo:hi],
                          grad_y3[lo:hi], grad_p2[lo:hi], grad_z1[t], grad_p1[t], grad_z2[t],
-                         cols1[t], cols2[t], thread_grads[t], grad_x[lo:hi], input_grad)
-    for i in prange(flat_grad.size):
-        total = flat_grad[i]
-        for t in range(threads):
-            total += thread_grads[t, gather_order[i]]
-        flat_grad[i] = total
+                         cols1[t], cols2[t], grad_w2[t], thread_grads[t], grad_x[lo:hi], input_grad)
+    # flat_grad += (the threads' sum): one addition into flat_grad per step, as the reference.
+    block = 4096
+    for b in prange((flat_grad.size + block - 1) // block):
+        lo, hi = b * block, min((b + 1) * block, flat_grad.size)
+        for t in range(1, threads):
+            for i in range(lo, hi):
+                thread_grads[0, i] += thread_grads[t, i]
+        for i in range(lo, hi):
+            flat_grad[i] += thread_grads[0, i]
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,14 +105,18 @@ class LeNet5:
 
     __call__ = forward
 
-    def backward(self, grad_logits: np.ndarray) -> np.ndarray:
-        """Back-propagate dL/dlogits (N, 10); adds to every ``.grad``; returns dL/dx (N, 1, 32, 32)."""
+    def backward(self, grad_logits: np.ndarray, *, input_grad: bool = True) -> np.ndarray | None:
+        """Back-propagate dL/dlogits (N, 10); adds to every ``.grad``; returns dL/dx (N, 1, 32, 32).
+
+        With ``input_grad=False`` it returns None: training never needs dL/dx, and the numba
+        backend then skips conv1's input-gradient pass (about a tenth of the work).
+        """
         if self.engine is not None:
-            return self.engine.backward(grad_logits)
+            return self.engine.backward(grad_logits, input_grad)
         grad = grad_logits
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
-        return grad
+        return grad if input_grad else None
 
     # --- parameters ----------------------------------------------------------------------------
 

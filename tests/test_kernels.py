@@ -160,9 +160,12 @@ def test_permute_conv_weight():
     assert np.array_equal(permuted, weight.transpose(0, 2, 3, 1).reshape(16, 150))
 
 
-def test_gradient_gather_order_is_a_permutation():
-    order = kernels.gradient_gather_order()
-    assert np.array_equal(np.sort(order), np.arange(kernels.NUM_PARAMETERS))
+def test_add_unpermuted_conv_weight_inverts_permute():
+    weight, permuted = random((16, 150)), np.empty((16, 150))
+    kernels.permute_conv_weight(weight, 25, permuted)
+    restored = np.ones((16, 150))
+    kernels.add_unpermuted_conv_weight(permuted, 25, restored)
+    assert np.array_equal(restored, weight + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ def test_backward_without_input_gradient_and_before_forward():
     x = random((3, 1, 32, 32))
     grad = softmax_cross_entropy(reference.forward(x), np.array([1, 2, 3]))[1]
     model.forward(x)
-    assert model.engine.backward(grad, input_grad=False) is None
+    assert model.backward(grad, input_grad=False) is None
     reference.backward(grad)
     assert_close("input_grad=False", {"grad": (model.flat_grad, reference.flat_grad)}, TOL[np.dtype(np.float64)])
     with pytest.raises(ValueError, match=r"grad_logits of shape \(3, 10\)"):
