@@ -1,85 +1,108 @@
 """How long preparing one augmented training epoch takes, next to one training epoch.
 
-    python -m benchmarks.data_epoch [--data-dir ../shared/data] [--repeats 3]
+    python -m benchmarks.data_epoch [--data-dir DIR] [--threads 2] [--repeats 5] [--quick] [--out DIR]
 
-Times, for the 54,000 training images of the notebook's split, ``random_crop(32, padding=4)`` +
-``random_horizontal_flip`` + ``to_float`` (the notebook's train transform): once over the whole
-epoch as one batch, and batch by batch (64 images) as training uses it. In the same run it times
-the same work done the notebook's way, torchvision's transforms image by image (on a subset,
-scaled up), and a few LeNet5 training steps (forward, backward, Adam) scaled up to an epoch, so the
-figures can be read as ratios on a noisy shared machine.
+For the training images of the notebook's split (54,000 of MNIST; 5,400 of the bundled sample with
+``--quick``) it times the notebook's train transform, ``random_crop(32, padding=4)`` +
+``random_horizontal_flip`` + ``to_float``, done by ``numpylenet.data`` once over the whole epoch
+as one batch, and batch by batch (64 images) as training uses it; the same work done the
+notebook's way, torchvision's transforms image by image (on a subset, scaled up to the epoch; left
+out when torchvision does not import); and training steps of batch 64 (zero_grad, forward, softmax
+cross-entropy, backward, Adam; the contenders of :mod:`benchmarks.step`) scaled up to the epoch's
+number of steps. All contenders run round-robin in one process and the median of ``--repeats`` is
+reported (see :mod:`benchmarks.common`), each as seconds per epoch and as a share of a training
+epoch of numpylenet's default backend. Writes ``data_epoch.json``.
 """
 from __future__ import annotations
 
-import argparse
-import time
+from collections.abc import Callable
 
 import numpy as np
 
-from numpylenet import LeNet5, Adam, softmax_cross_entropy
+from benchmarks import common
+from benchmarks.step import step_functions
 from numpylenet import data
 
+NAME = "data_epoch"
 BATCH_SIZE = 64
-
-
-def best_time(function, repeats: int) -> float:
-    """The fastest of ``repeats`` runs, in seconds (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+# (images torchvision transforms per timed call, training steps per timed call), full and --quick.
+SUBSETS = {False: (2_000, 50), True: (200, 2)}
 
 
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The notebook's train transform on uint8 images (N, 28, 28) -> float32 (N, 1, 32, 32) in [0, 1]."""
     return data.to_float(data.random_horizontal_flip(data.random_crop(images, 32, 4, rng), 0.5, rng))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-
-    images, labels = data.load_mnist(args.data_dir)
-    train_indices, _ = data.split_train_valid(len(images))
-    images, labels = images[train_indices], labels[train_indices]
+def contenders(images: np.ndarray, labels: np.ndarray,
+               quick: bool) -> dict[str, tuple[Callable[[], object], float, str]]:
+    """Name -> (a function doing part of one epoch's work, how many calls make the epoch, what a
+    call does) for the training images (N, 28, 28) and their labels (N,)."""
     rng = np.random.default_rng(0)
-    steps = -(-len(images) // BATCH_SIZE)
-
-    whole = best_time(lambda: augment(images, rng), args.repeats)
-    batched = best_time(lambda: [augment(images[batch], rng) for batch in
-                                 data.batch_indices(len(images), BATCH_SIZE, rng=rng)], args.repeats)
-    print(f"{len(images):,} images, one augmented epoch (crop + flip + to_float):")
-    print(f"  numpylenet.data, whole epoch at once   {whole:7.3f} s")
-    print(f"  numpylenet.data, {steps} batches of {BATCH_SIZE}  {batched:7.3f} s")
-
-    model, subset = LeNet5(seed=0), 50
-    optimizer = Adam(model.parameters())
-    batches = [augment(images[k * BATCH_SIZE:(k + 1) * BATCH_SIZE], rng) for k in range(subset)]
-
-    def train_steps():
-        for k, x in enumerate(batches):
-            model.zero_grad()
-            _, grad_logits = softmax_cross_entropy(model.forward(x), labels[k * BATCH_SIZE:(k + 1) * BATCH_SIZE])
-            model.backward(grad_logits)
-            optimizer.step()
-
-    epoch = best_time(train_steps, args.repeats) * steps / subset
-    print(f"  LeNet5 training epoch (numpy backend, from {subset} steps)  {epoch:7.2f} s "
-          f"-> augmentation is {batched / epoch:.1%} of it")
-
+    count = len(images)
+    steps_per_epoch = -(-count // BATCH_SIZE)
+    torchvision_images, steps_per_call = SUBSETS[quick]
+    work = {
+        "numpylenet.data, whole epoch at once": (lambda: augment(images, rng), 1.0, "the whole epoch"),
+        f"numpylenet.data, batches of {BATCH_SIZE}": (
+            lambda: [augment(images[batch], rng) for batch in data.batch_indices(count, BATCH_SIZE, rng=rng)],
+            1.0, "the whole epoch"),
+    }
     try:
         from PIL import Image
-        from torchvision import transforms as T
+        from torchvision import transforms
     except ImportError:
-        return
-    notebook = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
-    sample = images[:2000]
-    per_image = best_time(lambda: [notebook(Image.fromarray(image, mode="L")) for image in sample], args.repeats)
-    scaled = per_image * len(images) / len(sample)
-    print(f"  torchvision, image by image (from {len(sample):,})    {scaled:7.3f} s")
+        pass
+    else:
+        notebook = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                       transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+        subset = images[:torchvision_images]
+        work["torchvision, image by image"] = (
+            lambda: [notebook(Image.fromarray(image, mode="L")) for image in subset],
+            count / len(subset), f"{len(subset):,} images")
+    batch = augment(images[:BATCH_SIZE], rng), labels[:BATCH_SIZE]
+    for framework, step in step_functions(*batch).items():
+        work[f"training, {framework}"] = (lambda step=step: [step() for _ in range(steps_per_call)],
+                                          steps_per_epoch / steps_per_call, f"{steps_per_call} steps")
+    return work
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = common.make_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None,
+                        help="root holding MNIST/raw (default $NUMPYLENET_DATA, else ../shared/data)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+    common.set_threads(args.threads)
+    from numpylenet.backend import resolve_backend
+
+    dataset = "mnist-sample" if args.quick else "mnist"
+    images, labels = data.load_mnist(common.data_dir(args.data_dir), dataset=dataset)
+    train_indices, _ = data.split_train_valid(len(images))
+    images, labels = images[train_indices], labels[train_indices]
+
+    work = contenders(images, labels, args.quick)
+    timings = common.interleaved_timings({name: function for name, (function, _, _) in work.items()},
+                                         args.repeats)
+    epoch_seconds = {name: timings[name].median * calls for name, (_, calls, _) in work.items()}
+    default = f"numpylenet ({resolve_backend()})"
+    reference = f"training, {default}"
+    rows = [{"contender": name, "timed_per_call": per_call, "calls_per_epoch": calls,
+             "epoch_seconds": epoch_seconds[name],
+             "share_of_training_epoch": epoch_seconds[name] / epoch_seconds[reference],
+             "timing": timings[name].to_json()} for name, (_, calls, per_call) in work.items()]
+    table = common.markdown_table(
+        [f"one epoch of {len(images):,} images", "timed", "seconds", f"share of a {default} training epoch"],
+        [[row["contender"], row["timed_per_call"] if row["calls_per_epoch"] == 1 else
+          f"{row['timed_per_call']}, x {row['calls_per_epoch']:.1f}", f"{row['epoch_seconds']:.3f}",
+          f"{100 * row['share_of_training_epoch']:.1f}%"] for row in rows],
+        align="llrr")
+    return common.publish(args, NAME, {
+        "dataset": dataset, "train_images": len(images), "batch_size": BATCH_SIZE,
+        "transform": "random_crop(32, padding=4) + random_horizontal_flip(0.5) + to_float",
+        "reference": reference, "unit": "seconds per epoch (median, extrapolated where timed on part)",
+        "rows": rows, "markdown": table})
 
 
 if __name__ == "__main__":

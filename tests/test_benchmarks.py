@@ -27,10 +27,12 @@ FIELDS = {
     "layers": ("batch_size", "frameworks", "rows", "timings"),
     "epoch": ("recipe", "dataset", "train_images", "contenders"),
     "inference": ("forward_flops_per_image", "peak_flops_for_threads", "rows"),
+    "data_epoch": ("dataset", "train_images", "reference", "rows"),
 }
 ROW_FIELDS = {
     "layers": ("layer", "pass", "torch", "numpy"),
     "inference": ("framework", "batch_size", "images_per_second", "speed_vs_torch", "share_of_peak"),
+    "data_epoch": ("contender", "epoch_seconds", "share_of_training_epoch", "timing"),
 }
 
 
