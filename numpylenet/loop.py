@@ -98,7 +98,7 @@ class NumpyLearner:
         self.optimizer.lr = lr
         self.model.zero_grad()
         loss, grad_logits = softmax_cross_entropy(self.model.forward(x), y)
-        self.model.backward(grad_logits)
+        self.model.backward(grad_logits, input_grad=False)   # training never needs dL/dx
         self.optimizer.step()
         return loss
 
