@@ -213,6 +213,7 @@ class StopOnInterrupt:
 
 def make_checkpoint(learner: Learner, config: TrainConfig, progress: Progress,
                     history: list[dict]) -> Checkpoint:
+    """Everything needed to continue the run from this exact point (see :mod:`numpylenet.checkpoint`)."""
     return Checkpoint(framework=learner.framework, config=dataclasses.asdict(config),
                       progress=progress.to_json(), history=list(history),
                       model=learner.model_state(), optimizer=learner.optimizer_state())
