@@ -347,6 +347,14 @@ def test_kernels_leave_blas_threads_alone():
         kernels.set_blas_threads(previous)
 
 
+def test_starting_the_thread_pool_leaves_the_environment_alone():
+    import os
+
+    before = os.environ.get("OMP_WAIT_POLICY")
+    kernels._start_sleeping_threads()
+    assert os.environ.get("OMP_WAIT_POLICY") == before
+
+
 def test_warmup_returns_seconds():
     seconds = kernels.warmup()
     assert isinstance(seconds, float) and seconds >= 0
