@@ -71,18 +71,29 @@ def set_threads(count: int) -> None:
 
 
 @contextmanager
-def _single_threaded_blas():
-    """Run a kernel with BLAS on one thread: the kernels parallelise over images themselves, and
-    a multi-threaded BLAS called from two threads at once would fight them for the cores."""
+def _kernel_threads(count: int):
+    """Run a fused kernel on ``count`` Numba threads, with BLAS on one thread.
+
+    BLAS runs single-threaded because the kernels parallelise over images themselves: a
+    multi-threaded BLAS called from two threads at once would fight them for the cores. And a
+    batch too small to split runs on one Numba thread, so no idle thread has to be woken (on a
+    busy machine waking it can cost milliseconds).
+    """
+    import numba
+
     from . import kernels
-    previous = kernels.blas_threads()
-    if previous is not None and previous != 1:
+    previous_blas, previous_numba = kernels.blas_threads(), numba.get_num_threads()
+    if previous_blas is not None and previous_blas != 1:
         kernels.set_blas_threads(1)
+    if count != previous_numba:
+        numba.set_num_threads(count)
     try:
         yield
     finally:
-        if previous is not None and previous != 1:
-            kernels.set_blas_threads(previous)
+        if count != previous_numba:
+            numba.set_num_threads(previous_numba)
+        if previous_blas is not None and previous_blas != 1:
+            kernels.set_blas_threads(previous_blas)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +123,10 @@ class NumbaLeNet5:
         _FUSED_BUFFERS[id(model.flat_data)] = model.flat_data
 
     def _workspace(self, n: int) -> dict[str, np.ndarray]:
+        """Work arrays for a batch of n, split over as many threads as it has sub-batches."""
         import numba
-        threads, sub = numba.get_num_threads(), self.kernels.SUB_BATCH
+        sub = self.kernels.SUB_BATCH
+        threads = max(1, min(numba.get_num_threads(), n // sub))
         if self.workspace.get("shape") == (n, threads):
             return self.workspace
         shapes = dict(
@@ -132,7 +145,7 @@ class NumbaLeNet5:
         """Logits (N, 10) for x (N, 1, 32, 32), already validated by the model."""
         x = np.ascontiguousarray(x, dtype=self.model.dtype)
         w = self._workspace(x.shape[0])
-        with _single_threaded_blas():
+        with _kernel_threads(w["shape"][1]):
             self.kernels.lenet_forward(x, self.model.flat_data, self.activation, self.pool, w["w2"],
                                        w["y1"], w["p1"], w["y2"], w["p2"], w["y3"], w["y4"],
                                        w["logits"], w["cols1"], w["cols2"])
@@ -149,7 +162,7 @@ class NumbaLeNet5:
                              f"got {np.shape(grad_logits)}")
         grad_logits = np.ascontiguousarray(grad_logits, dtype=self.model.dtype)
         w = self.workspace
-        with _single_threaded_blas():
+        with _kernel_threads(w["shape"][1]):
             self.kernels.lenet_backward(
                 self.input, self.model.flat_data, self.activation, self.pool, grad_logits, w["w2"],
                 w["y1"], w["p1"], w["y2"], w["p2"], w["y3"], w["y4"],
