@@ -114,6 +114,10 @@ class NumbaLeNet5:
 
     def __init__(self, model):
         from . import kernels
+        shapes = tuple((name, p.data.shape) for name, p in model.named_parameters())
+        if shapes != kernels.PARAMETER_SHAPES:
+            raise ValueError(f"the numba kernels are written for LeNet-5's parameters "
+                             f"{kernels.PARAMETER_SHAPES}, got {shapes}")
         self.kernels = kernels
         self.model = model
         self.activation = kernels.ACTIVATION_CODES[model.activation]

@@ -299,6 +299,15 @@ def test_optimizer_on_other_parameters_is_not_fused():
 # Choosing the backend, threads, warm-up
 # --------------------------------------------------------------------------------------------
 
+def test_engine_rejects_other_networks():
+    from numpylenet.backend import NumbaLeNet5
+
+    model = LeNet5(backend="numpy")
+    model.fc2 = layers.Linear(84, 11)
+    with pytest.raises(ValueError, match="written for LeNet-5's parameters"):
+        NumbaLeNet5(model)
+
+
 def test_backend_names():
     assert BACKENDS == ("numpy", "numba")
     assert LeNet5(backend="numpy").engine is None and LeNet5(backend="numba").engine is not None
