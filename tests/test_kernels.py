@@ -90,12 +90,14 @@ def check_bias_activation(activation, dtype, shape=(37, 6)):
     expected = reference_layer.forward(z + bias)
     ours = z.copy()
     kernels.bias_activation(ours, bias, kernels.ACTIVATION_CODES[activation])
+    transposed = np.full(shape, np.nan, dtype)
+    kernels.bias_activation_transposed(np.ascontiguousarray(z.T), bias, kernels.ACTIVATION_CODES[activation], transposed)
     grad = random(shape, dtype, seed=2)
     expected_grad = reference_layer.backward(grad)
     ours_grad = grad.copy()
     kernels.activation_backward(ours_grad, ours, kernels.ACTIVATION_CODES[activation])
-    assert_close(f"{activation} {np.dtype(dtype)}", {"forward": (ours, expected), "backward": (ours_grad, expected_grad)},
-                 TOL[np.dtype(dtype)])
+    assert_close(f"{activation} {np.dtype(dtype)}", {"forward": (ours, expected), "transposed": (transposed, expected),
+                                                  "backward": (ours_grad, expected_grad)}, TOL[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
