@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 __all__ = ["REPO", "RESULTS", "make_parser", "data_dir", "set_threads", "thread_report", "Machine",
-           "detect_machine", "vector_isa", "versions", "metadata", "Timing", "interleaved_timings",
+           "detect_machine", "vector_isa", "versions", "metadata", "Timing", "SETTLE_SECONDS", "interleaved_timings",
            "throughput", "throughput_rows", "throughput_table", "markdown_table", "publish", "write_json", "save_figure", "forward_flops_per_image",
            "training_flops_per_image"]
 
@@ -299,8 +299,14 @@ class Timing:
                 "seconds": self.seconds}
 
 
+# Long enough for every thread pool in the process to fall asleep: OpenBLAS's workers spin for
+# 2^28 cycles (its THREAD_TIMEOUT default), about 0.11 s at 2.45 GHz, before they sleep.
+SETTLE_SECONDS = 0.25
+
+
 def interleaved_timings(contenders: Mapping[str, Callable[[], object]], repeats: int = 5, *,
-                        min_repeat_seconds: float = 0.0, warmup: int = 1) -> dict[str, Timing]:
+                        min_repeat_seconds: float = 0.0, warmup: int = 1,
+                        settle_seconds: float = 0.0) -> dict[str, Timing]:
     """Median seconds per call of each contender, measured round-robin.
 
     Each contender is first called ``warmup`` times untimed (JIT compilation, caches, allocation;
@@ -309,6 +315,12 @@ def interleaved_timings(contenders: Mapping[str, Callable[[], object]], repeats:
     (A B C, B C A, ...) so that none always runs right after another. A repeat calls the contender
     enough times back to back to last at least ``min_repeat_seconds`` (calibrated on the warm-up
     call), so that microsecond operations are timed above the clock's resolution.
+
+    Before each repeat the process sleeps ``settle_seconds``: the thread pools of the contender
+    that ran before keep spinning on the cores for a while after their last call (OpenBLAS for
+    about 2^28 cycles, 0.1 s here; an active OpenMP pool for milliseconds) and would otherwise
+    slow the next contender down. Measured here, without it torch at 2 threads ran at half its
+    speed when it followed NumPy's BLAS (see :data:`SETTLE_SECONDS`).
     """
     names = list(contenders)
     calls = dict.fromkeys(names, 1)
@@ -324,6 +336,7 @@ def interleaved_timings(contenders: Mapping[str, Callable[[], object]], repeats:
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             function, count = contenders[name], calls[name]
+            time.sleep(settle_seconds)
             started = time.perf_counter()
             for _ in range(count):
                 function()
@@ -348,7 +361,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
 
 def throughput(args: argparse.Namespace, functions: Callable[[int, "np.random.Generator"], dict],
                flops_per_image: int, *, min_repeat_seconds: float, warmup: int = 1) -> tuple[list[dict], str, float]:
-    """Images per second of per-batch functions at every ``args.batch_sizes``, interleaved.
+    """Images per second of per-batch functions at every ``args.batch_sizes``, interleaved
+    (pausing :data:`SETTLE_SECONDS` before each repeat, except with ``--quick``).
 
     ``functions(batch_size, rng)`` returns framework -> a function processing one batch of that
     size (the baseline framework, "torch", among them). Returns the rows of
@@ -362,7 +376,7 @@ def throughput(args: argparse.Namespace, functions: Callable[[int, "np.random.Ge
     contenders = {(framework, batch_size): function for batch_size in args.batch_sizes
                   for framework, function in functions(batch_size, rng).items()}
     timings = interleaved_timings(contenders, args.repeats, min_repeat_seconds=min_repeat_seconds,
-                                  warmup=warmup)
+                                  warmup=warmup, settle_seconds=0.0 if args.quick else SETTLE_SECONDS)
     rows = throughput_rows(timings, flops_per_image, peak)
     return rows, throughput_table(rows, min(args.threads, machine.cores)), peak
 

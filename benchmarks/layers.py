@@ -152,7 +152,8 @@ def numba_contenders(x: np.ndarray, labels: np.ndarray) -> dict[tuple[str, str],
             (STEP, "whole"): _step(model, optimizer, x, labels)}
 
 
-def measure(batch_size: int, repeats: int, min_repeat_seconds: float) -> dict[str, dict]:
+def measure(batch_size: int, repeats: int, min_repeat_seconds: float,
+            settle_seconds: float = common.SETTLE_SECONDS) -> dict[str, dict]:
     """Median seconds of every (framework, row, pass), all contenders interleaved in one run."""
     rng = np.random.default_rng(0)
     x = rng.random((batch_size, 1, 32, 32), dtype=np.float32)
@@ -160,7 +161,8 @@ def measure(batch_size: int, repeats: int, min_repeat_seconds: float) -> dict[st
     builders = {"numpy": numpy_contenders, "torch": torch_contenders, "numba": numba_contenders}
     contenders = {(framework, *key): function for framework, build in builders.items()
                   for key, function in build(x, labels).items()}
-    timings = common.interleaved_timings(contenders, repeats, min_repeat_seconds=min_repeat_seconds)
+    timings = common.interleaved_timings(contenders, repeats, min_repeat_seconds=min_repeat_seconds,
+                                         settle_seconds=settle_seconds)
     results: dict[str, dict] = {}
     for (framework, row, phase), timing in timings.items():
         results.setdefault(framework, {})[f"{row}/{phase}"] = timing.to_json()
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.repeats = 1
     common.set_threads(args.threads)
-    results = measure(args.batch_size, args.repeats, min_repeat_seconds=0.0 if args.quick else 0.05)
+    results = measure(args.batch_size, args.repeats, min_repeat_seconds=0.0 if args.quick else 0.05,
+                      settle_seconds=0.0 if args.quick else common.SETTLE_SECONDS)
     frameworks = [f for f in FRAMEWORKS if f in results]
     rows = table_rows(results)
     plot(rows, frameworks, args.out, args.batch_size)

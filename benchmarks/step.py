@@ -59,6 +59,12 @@ def step_functions(x: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[], 
     return functions
 
 
+def batch_step_functions(batch_size: int, rng: np.random.Generator) -> dict[str, Callable[[], object]]:
+    """:func:`step_functions` on a random batch: images (batch_size, 1, 32, 32), labels 0..9."""
+    return step_functions(rng.random((batch_size, 1, 32, 32), dtype=np.float32),
+                          rng.integers(0, 10, batch_size))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = common.make_parser(NAME, __doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 64, 256],
@@ -67,42 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.repeats, args.batch_sizes = 1, [1, 32]
     common.set_threads(args.threads)
-    machine = common.detect_machine(args.clock_ghz, args.flop_per_cycle)
-    peak = machine.peak_gflops_for(args.threads) * 1e9
     flops = common.training_flops_per_image()
-
-    rng = np.random.default_rng(0)
-    contenders = {}
-    for batch_size in args.batch_sizes:
-        x = rng.random((batch_size, 1, 32, 32), dtype=np.float32)
-        labels = rng.integers(0, 10, batch_size)
-        for framework, function in step_functions(x, labels).items():
-            contenders[framework, batch_size] = function
-    timings = common.interleaved_timings(contenders, args.repeats, warmup=3,
-                                         min_repeat_seconds=0.0 if args.quick else 0.3)
-
-    rows = []
-    for (framework, batch_size), timing in timings.items():
-        images_per_second = batch_size / timing.median
-        rows.append({"framework": framework, "batch_size": batch_size,
-                     "images_per_second": images_per_second,
-                     "speed_vs_torch": timings["torch", batch_size].median / timing.median,
-                     "share_of_peak": images_per_second * flops / peak, "timing": timing.to_json()})
-    rows.sort(key=lambda row: (row["batch_size"], row["framework"] != "torch", row["framework"]))
-    cores = min(args.threads, machine.cores)
-    table = common.markdown_table(
-        ["batch", "framework", "images/s", "speed vs torch",
-         f"share of FP32 peak ({cores} core{'s' if cores > 1 else ''})"],
-        [[f"{row['batch_size']:,}", row["framework"], f"{row['images_per_second']:,.0f}",
-          f"{row['speed_vs_torch']:.2f}x", f"{100 * row['share_of_peak']:.1f}%"] for row in rows],
-        align="rlrrr")
-    meta = common.metadata(args)
-    content = {"benchmark": NAME, "meta": meta, "dtype": "float32", "optimizer": "Adam(lr=1e-3)",
-               "training_flops_per_image": flops, "peak_flops_for_threads": peak,
-               "batch_sizes": args.batch_sizes, "rows": rows, "markdown": table}
-    path = common.write_json(args.out, NAME, content)
-    print(f"{meta['machine_summary']}; threads {args.threads}\n\n{table}\n\nwrote {path}")
-    return content
+    rows, table, peak = common.throughput(args, batch_step_functions, flops, warmup=3,
+                                          min_repeat_seconds=0.0 if args.quick else 0.3)
+    return common.publish(args, NAME, {
+        "dtype": "float32", "optimizer": "Adam(lr=1e-3)", "training_flops_per_image": flops,
+        "peak_flops_for_threads": peak, "batch_sizes": args.batch_sizes, "rows": rows,
+        "markdown": table})
 
 
 if __name__ == "__main__":
