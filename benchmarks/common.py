@@ -310,11 +310,12 @@ def interleaved_timings(contenders: Mapping[str, Callable[[], object]], repeats:
     """Median seconds per call of each contender, measured round-robin.
 
     Each contender is first called ``warmup`` times untimed (JIT compilation, caches, allocation;
-    ``warmup=0`` when the caller warms up in its own way, and then every repeat is one call).
+    ``warmup=0`` when the caller warms up in its own way, and then every repeat is one call),
+    then once more to calibrate how many calls a repeat needs.
     Then, ``repeats`` times, every contender is timed once, in an order rotated by one each round
     (A B C, B C A, ...) so that none always runs right after another. A repeat calls the contender
-    enough times back to back to last at least ``min_repeat_seconds`` (calibrated on the warm-up
-    call), so that microsecond operations are timed above the clock's resolution.
+    enough times back to back to last at least ``min_repeat_seconds``, so that microsecond
+    operations are timed above the clock's resolution.
 
     Before each repeat the process sleeps ``settle_seconds``: the thread pools of the contender
     that ran before keep spinning on the cores for a while after their last call (OpenBLAS for
@@ -325,10 +326,11 @@ def interleaved_timings(contenders: Mapping[str, Callable[[], object]], repeats:
     names = list(contenders)
     calls = dict.fromkeys(names, 1)
     for name in names if warmup > 0 else ():
-        started = time.perf_counter()
         for _ in range(warmup):
             contenders[name]()
-        once = (time.perf_counter() - started) / warmup
+        started = time.perf_counter()        # calibrate on a warm call: the first may compile
+        contenders[name]()
+        once = time.perf_counter() - started
         if once > 0:
             calls[name] = max(1, math.ceil(min_repeat_seconds / once))
     seconds: dict[str, list[float]] = {name: [] for name in names}

@@ -137,7 +137,7 @@ class NumbaLeNet5:
             w2=(16, 150), y1=(n, 28, 28, 6), p1=(n, 14, 14, 6), y2=(n, 10, 10, 16),
             p2=(n, 16, 5, 5), y3=(n, 120), y4=(n, 84), logits=(n, 10),
             cols1=(threads, 25 * sub * 784), cols2=(threads, sub * 100 * 150),
-            conv1=(threads, 6 * sub * 784),
+            conv1=(threads, 6, 27 * 32 + 28),
             grad_y4=(n, 84), grad_y3=(n, 120), grad_p2=(n, 16, 5, 5),
             grad_z1=(threads, sub, 28, 28, 6), grad_p1=(threads, sub, 14, 14, 6),
             grad_z2=(threads, sub, 10, 10, 16), grad_w2=(threads, 16, 150),
@@ -153,7 +153,7 @@ class NumbaLeNet5:
         with _kernel_threads(w["shape"][1]):
             self.kernels.lenet_forward(x, self.model.flat_data, self.activation, self.pool, w["w2"],
                                        w["y1"], w["p1"], w["y2"], w["p2"], w["y3"], w["y4"],
-                                       w["logits"], w["cols1"], w["cols2"], w["conv1"])
+                                       w["logits"], w["cols2"], w["conv1"])
         self.input = x
         return w["logits"].copy()
 

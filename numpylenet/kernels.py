@@ -14,13 +14,15 @@ the work happens, never *what* is computed:
   images whose im2col matrices stay in the core's L2 cache.
 * **Channels-last inside.** Convolution outputs are stored (N, OH, OW, C), the layout in which
   ``cols @ W^T`` leaves them, so im2col -> product -> bias + activation -> pooling needs no
-  transposes. conv1 unfolds its single-channel input in the reference's im2col layout (long
-  contiguous copies); conv2 unfolds channels-last (:func:`im2col_channels_last`) against its
-  weights reordered to (i, j, c) once per pass.
-* **Fused pointwise work.** Bias + activation run on the product as it leaves BLAS (for conv1,
-  also turning its channel-major product channels-last); the pooling backward and the activation
-  derivative are one pass. The optimisers update the flat parameter buffer in
-  one parallel loop.
+  transposes. conv2 unfolds channels-last (:func:`im2col_channels_last`) against its weights
+  reordered to (i, j, c) once per pass.
+* **conv1 without im2col going forward.** With one input channel, im2col would copy every pixel
+  25 times to feed a product with only six rows; :func:`conv_single_channel_forward` sums each
+  output where it stands, with bias, activation and pooling in the same pass. Its backward pass
+  does unfold the image, in the reference's layout (long contiguous copies).
+* **Fused pointwise work.** Bias + activation run on the product as it leaves BLAS; the pooling
+  backward and the activation derivative are one pass. The optimisers update the flat parameter
+  buffer in one parallel loop.
 
 Every kernel is compiled with ``cache=True``; :func:`warmup` compiles (or loads) them all and
 returns the seconds it took.
@@ -41,7 +43,7 @@ __all__ = [
     "PARAMETER_SHAPES", "SUB_BATCH", "BLAS_LIBRARY",
     "NUM_PARAMETERS", "kernel", "gemm", "im2col", "col2im", "im2col_channels_last",
     "col2im_channels_last", "permute_conv_weight", "add_unpermuted_conv_weight", "bias_activation",
-    "bias_activation_transposed", "activation_backward", "pool_forward", "pool_activation_backward", "lenet_forward",
+    "activate_in_place", "activation_backward", "conv_single_channel_forward", "pool_forward", "pool_activation_backward", "lenet_forward",
     "lenet_backward", "adam_step", "sgd_step", "blas_threads", "set_blas_threads", "warmup",
 ]
 
@@ -216,7 +218,8 @@ def im2col(x, kernel_h, kernel_w, cols):
 
     ``cols[(c, i, j), (n, oh, ow)] = x[n, c, oh + i, ow + j]``, exactly as
     :func:`numpylenet.layers.im2col` (whose docstring explains the layout). Each (c, i, j, n, oh)
-    is one copy of OW contiguous pixels, which is why conv1 (one channel, OW = 28) uses it.
+    is one copy of OW contiguous pixels, which is why conv1's backward pass (one channel, OW = 28)
+    uses it.
 
     x : (N, C, H, W), C-contiguous;  cols : (C kh kw, N OH OW), C-contiguous,
     OH = H - kh + 1, OW = W - kw + 1.
@@ -351,6 +354,19 @@ def _activate(v, activation, one):
 
 
 @kernel(fastmath=True)
+def activate_in_place(values, activation):
+    """values = f(values) for a 1-D array. Branching on the activation once, outside the loop,
+    lets the relu loop vectorise (a loop that may call tanh or exp does not)."""
+    one = values.dtype.type(1)
+    if activation == RELU:
+        for k in range(values.size):
+            values[k] = _activate(values[k], RELU, one)
+    else:
+        for k in range(values.size):
+            values[k] = _activate(values[k], activation, one)
+
+
+@kernel(fastmath=True)
 def bias_activation(z, bias, activation):
     """In place: z[r, c] = f(z[r, c] + bias[c]) for z (R, C), f given by its code."""
     rows, channels = z.shape
@@ -358,17 +374,6 @@ def bias_activation(z, bias, activation):
     for r in range(rows):
         for c in range(channels):
             z[r, c] = _activate(z[r, c] + bias[c], activation, one)
-
-
-@kernel(fastmath=True)
-def bias_activation_transposed(z, bias, activation, y):
-    """y[r, c] = f(z[c, r] + bias[c]): bias + activation of a channel-major product z (C, R),
-    written channels-last into y (R, C). Reading z row by row keeps the loads contiguous."""
-    channels, rows = z.shape
-    one = z.dtype.type(1)
-    for c in range(channels):
-        for r in range(rows):
-            y[r, c] = _activate(z[c, r] + bias[c], activation, one)
 
 
 @kernel
@@ -472,6 +477,64 @@ def pool_activation_backward(grad_out, y, pool, activation, kernel_h, kernel_w, 
                                     if winner else 0)
 
 
+# --------------------------------------------------------------------------------------------
+# conv1 directly: a one-channel input needs no im2col
+# --------------------------------------------------------------------------------------------
+
+@kernel(fastmath=True)
+def conv_single_channel_forward(x, weight, bias, activation, pool, y, pooled, rows):
+    """conv1's forward pass computed directly, fused with its bias, activation and pooling.
+
+    For a one-channel input, im2col would copy every pixel 25 times only to feed a product with
+    six rows; instead each output is summed where it stands. In flat positions p = oh W + ow of
+    the input's rows (width W), with the 5x5 kernel's taps at offsets i W + j::
+
+        z[c, p] = b[c] + sum_{i, j} weight[c, (i, j)] x[p + i W + j]
+        y[n, oh, ow, c] = f(z[c, oh W + ow]),   pooled = mean or max of y over 2x2 windows
+
+    One loop over all (OH - 1) W + OW positions vectorises well; a single output row (OW = 28) is
+    too short for the 32-wide unrolled vector loop LLVM emits, so it would run scalar. The
+    positions with ow >= OW straddle two rows: computed, never used.
+
+    x : (N, 1, H, W);  weight : (C, 25), torch's (i, j) order;  bias : (C,);
+    y : (N, OH, OW, C), C-contiguous, OH = H - 4, OW = W - 4;  pooled : (N, OH // 2, OW // 2, C);
+    rows : (C, >= (OH - 1) W + OW) scratch, z channel-major.
+    """
+    n_images, out_h, out_w, channels = _unsigned_shape(y)
+    pooled_h, pooled_w = np.uint64(pooled.shape[1]), np.uint64(pooled.shape[2])
+    width = np.uint64(x.shape[3])
+    span = (out_h - _ONE) * width + out_w
+    one = y.dtype.type(1)
+    scale = y.dtype.type(1.0 / (POOL * POOL))
+    for n in range(n_images):
+        image, out = x[n, 0].ravel(), y[n].ravel()
+        for c in range(channels):
+            z = rows[c]
+            for p in range(span):
+                total = one - one
+                for i in range(KERNEL):
+                    for j in range(KERNEL):      # unrolled: 25 multiply-adds on shifted loads
+                        tap = np.uint64(i) * width + np.uint64(j)
+                        total += weight[c, i * KERNEL + j] * image[p + tap]
+                z[p] = total + bias[c]
+            activate_in_place(z[:span], activation)
+            for oh in range(out_h):
+                for ow in range(out_w):
+                    out[(oh * out_w + ow) * channels + c] = z[oh * width + ow]
+            for ph in range(pooled_h):
+                for pw in range(pooled_w):
+                    corner = (ph * width + pw) * np.uint64(POOL)
+                    result = z[corner]
+                    for i in range(POOL):
+                        for j in range(POOL):
+                            value = z[corner + np.uint64(i) * width + np.uint64(j)]
+                            if pool == MAX:
+                                result = max(result, value)
+                            elif i + j > 0:
+                                result += value
+                    pooled[n, ph, pw, c] = result if pool == MAX else result * scale
+
+
 @kernel(fastmath=True)
 def _add_column_sums(matrix, out):
     """out[c] += sum_r matrix[r, c]: the bias gradient of a (R, C) output gradient."""
@@ -512,21 +575,15 @@ def _dense_backward(grad_y, x, weight, grad_weight, grad_bias, grad_x):
 
 
 @kernel
-def _forward_images(x, params, w2, activation, pool, y1, p1, y2, p2, y3, y4, logits, cols1, cols2,
-                    conv1):
+def _forward_images(x, params, w2, activation, pool, y1, p1, y2, p2, y3, y4, logits, cols2, conv1):
     """:func:`lenet_forward` for one thread's slice of the batch (all arrays sliced to it)."""
     w1, b1, _, b2, w3, b3, w4, b4, w5, b5 = _unpack(params)
     n = x.shape[0]
     for start in range(0, n, SUB_BATCH):
         stop = min(start + SUB_BATCH, n)
-        rows1, rows2 = (stop - start) * 784, (stop - start) * 100
-        # conv1: cols (25, rows1) in the reference layout. BLAS is faster at W1 @ cols, with 6
-        # rows, than at cols^T @ W1^T, with 6 columns; the bias pass turns it channels-last.
-        window1, z1 = cols1[:25 * rows1].reshape(25, rows1), conv1[:6 * rows1].reshape(6, rows1)
-        im2col(x[start:stop], KERNEL, KERNEL, window1)
-        gemm(w1, window1, z1)                                  # (6, 25) @ (25, rows1)
-        bias_activation_transposed(z1, b1, activation, y1[start:stop].reshape(rows1, 6))
-        pool_forward(y1[start:stop], pool, POOL, POOL, p1[start:stop])
+        rows2 = (stop - start) * 100
+        conv_single_channel_forward(x[start:stop], w1, b1, activation, pool, y1[start:stop],
+                                    p1[start:stop], conv1)
         # conv2: channels-last cols (rows2, 150) against the (i, j, c)-ordered weights.
         window2 = cols2[:rows2 * 150].reshape(rows2, 150)
         im2col_channels_last(p1[start:stop], KERNEL, KERNEL, window2)
@@ -540,23 +597,22 @@ def _forward_images(x, params, w2, activation, pool, y1, p1, y2, p2, y3, y4, log
 
 
 @kernel(parallel=True)
-def lenet_forward(x, params, activation, pool, w2, y1, p1, y2, p2, y3, y4, logits, cols1, cols2,
-                  conv1):
+def lenet_forward(x, params, activation, pool, w2, y1, p1, y2, p2, y3, y4, logits, cols2, conv1):
     """LeNet-5's forward pass for a batch, storing what the backward pass needs.
 
     x (N, 1, 32, 32);  params: the flat parameter buffer (61,706,).
     Outputs, channels-last:  y1 (N, 28, 28, 6) conv1 after activation;  p1 (N, 14, 14, 6) pooled;
     y2 (N, 10, 10, 16);  p2 (N, 16, 5, 5) pooled, in torch's (c, h, w) order, conv3's input;
     y3 (N, 120);  y4 (N, 84);  logits (N, 10).  w2 (16, 150): conv2's weight, (i, j, c) order.
-    Scratch, one row per thread:  cols1 (T, 25 * SUB_BATCH * 784), cols2 (T, SUB_BATCH * 100 * 150),
-    conv1 (T, 6 * SUB_BATCH * 784), conv1's product before its bias.
+    Scratch, one per thread:  cols2 (T, SUB_BATCH * 100 * 150), conv2's im2col;
+    conv1 (T, 6, 27 * 32 + 28), conv1's output channel-major (see conv_single_channel_forward).
     """
-    n_images, threads = x.shape[0], cols1.shape[0]
+    n_images, threads = x.shape[0], cols2.shape[0]
     permute_conv_weight(_unpack(params)[2], KERNEL * KERNEL, w2)
     for t in prange(threads):
         lo, hi = t * n_images // threads, (t + 1) * n_images // threads
         _forward_images(x[lo:hi], params, w2, activation, pool, y1[lo:hi], p1[lo:hi], y2[lo:hi],
-                        p2[lo:hi], y3[lo:hi], y4[lo:hi], logits[lo:hi], cols1[t], cols2[t], conv1[t])
+                        p2[lo:hi], y3[lo:hi], y4[lo:hi], logits[lo:hi], cols2[t], conv1[t])
 
 
 @kernel

@@ -90,13 +90,11 @@ def check_bias_activation(activation, dtype, shape=(37, 6)):
     expected = reference_layer.forward(z + bias)
     ours = z.copy()
     kernels.bias_activation(ours, bias, kernels.ACTIVATION_CODES[activation])
-    transposed = np.full(shape, np.nan, dtype)
-    kernels.bias_activation_transposed(np.ascontiguousarray(z.T), bias, kernels.ACTIVATION_CODES[activation], transposed)
     grad = random(shape, dtype, seed=2)
     expected_grad = reference_layer.backward(grad)
     ours_grad = grad.copy()
     kernels.activation_backward(ours_grad, ours, kernels.ACTIVATION_CODES[activation])
-    assert_close(f"{activation} {np.dtype(dtype)}", {"forward": (ours, expected), "transposed": (transposed, expected),
+    assert_close(f"{activation} {np.dtype(dtype)}", {"forward": (ours, expected),
                                                   "backward": (ours_grad, expected_grad)}, TOL[np.dtype(dtype)])
 
 
@@ -141,6 +139,32 @@ def test_pool_odd_sizes_floor_mode(pool): check_pool("tanh", pool, (3, 4, 7, 9),
 @pytest.mark.parametrize("pool", list(POOLS))
 def test_pool_nonsquare_window(pool): check_pool("sigmoid", pool, (1, 3, 8, 7), (3, 2))
 def test_pool_transposed_output(): check_pool("relu", "avg", (2, 16, 10, 10), (2, 2), transposed_out=True)
+
+
+def check_conv_single_channel(activation, pool, shape, dtype=np.float64):
+    """conv_single_channel_forward vs Conv2d(1, C, 5), the activation, then 2x2 pooling."""
+    n, h, w, channels = shape
+    conv = layers.Conv2d(1, channels, 5, dtype=dtype, rng=np.random.default_rng(1))
+    act_layer, pool_layer = ACTIVATIONS[activation](), POOLS[pool](2)
+    x = random((n, 1, h, w), dtype)
+    y_ref = act_layer.forward(conv.forward(x))
+    pooled_ref = pool_layer.forward(y_ref)
+    y = np.full(nhwc(y_ref).shape, np.nan, dtype)
+    pooled = np.full(nhwc(pooled_ref).shape, np.nan, dtype)
+    rows = np.full((channels, (h - 4) * w), np.nan, dtype)     # larger than needed: only its start is used
+    kernels.conv_single_channel_forward(x, conv.weight.data.reshape(channels, 25), conv.bias.data,
+                                        kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool],
+                                        y, pooled, rows)
+    assert_close(f"conv1 direct {activation}/{pool} {shape}", {"y": (nchw(y), y_ref),
+                                                                "pooled": (nchw(pooled), pooled_ref)},
+                 TOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("activation, pool", COMBINATIONS)
+def test_conv_single_channel_lenet_shape(activation, pool): check_conv_single_channel(activation, pool, (3, 32, 32, 6), np.float32)
+@pytest.mark.parametrize("pool", list(POOLS))
+def test_conv_single_channel_odd_sizes_floor_mode(pool): check_conv_single_channel("tanh", pool, (2, 12, 9, 3))
+def test_conv_single_channel_batch1_float64(): check_conv_single_channel("relu", "max", (1, 32, 32, 6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
