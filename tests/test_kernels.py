@@ -385,9 +385,10 @@ def test_kernels_leave_blas_threads_alone():
 def test_starting_the_thread_pool_leaves_the_environment_alone():
     import os
 
-    before = os.environ.get("OMP_WAIT_POLICY")
-    kernels._start_sleeping_threads()
-    assert os.environ.get("OMP_WAIT_POLICY") == before
+    names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    before = {name: os.environ.get(name) for name in names}
+    kernels._start_thread_pool()
+    assert {name: os.environ.get(name) for name in names} == before
 
 
 def test_warmup_returns_seconds():
