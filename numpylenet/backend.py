@@ -134,12 +134,11 @@ class NumbaLeNet5:
         if self.workspace.get("shape") == (n, threads):
             return self.workspace
         shapes = dict(
-            w2=(16, 150), y1=(n, 28, 28, 6), p1=(n, 14, 14, 6), y2=(n, 10, 10, 16),
+            w2=(16, 150), y1=(n, 6, 28, 32), p1=(n, 14, 14, 6), y2=(n, 10, 10, 16),
             p2=(n, 16, 5, 5), y3=(n, 120), y4=(n, 84), logits=(n, 10),
-            cols1=(threads, 25 * sub * 784), cols2=(threads, sub * 100 * 150),
-            conv1=(threads, 6, 27 * 32 + 28),
+            cols2=(threads, sub * 100 * 150),
             grad_y4=(n, 84), grad_y3=(n, 120), grad_p2=(n, 16, 5, 5),
-            grad_z1=(threads, sub, 28, 28, 6), grad_p1=(threads, sub, 14, 14, 6),
+            grad_z1=(threads, 6, 28, 32), grad_p1=(threads, sub, 14, 14, 6),
             grad_z2=(threads, sub, 10, 10, 16), grad_w2=(threads, 16, 150),
             thread_grads=(threads, self.model.flat_grad.size), grad_x=(n, 1, 32, 32))
         self.workspace = {name: np.empty(shape, self.model.dtype) for name, shape in shapes.items()}
@@ -153,7 +152,7 @@ class NumbaLeNet5:
         with _kernel_threads(w["shape"][1]):
             self.kernels.lenet_forward(x, self.model.flat_data, self.activation, self.pool, w["w2"],
                                        w["y1"], w["p1"], w["y2"], w["p2"], w["y3"], w["y4"],
-                                       w["logits"], w["cols2"], w["conv1"])
+                                       w["logits"], w["cols2"])
         self.input = x
         return w["logits"].copy()
 
@@ -172,7 +171,7 @@ class NumbaLeNet5:
                 self.input, self.model.flat_data, self.activation, self.pool, grad_logits, w["w2"],
                 w["y1"], w["p1"], w["y2"], w["p2"], w["y3"], w["y4"],
                 w["grad_y4"], w["grad_y3"], w["grad_p2"], w["grad_z1"], w["grad_p1"], w["grad_z2"],
-                w["cols1"], w["cols2"], w["grad_w2"], w["thread_grads"], self.model.flat_grad,
+                w["cols2"], w["grad_w2"], w["thread_grads"], self.model.flat_grad,
                 w["grad_x"], input_grad)
         return w["grad_x"].copy() if input_grad else None
 

@@ -16,10 +16,10 @@ the work happens, never *what* is computed:
   ``cols @ W^T`` leaves them, so im2col -> product -> bias + activation -> pooling needs no
   transposes. conv2 unfolds channels-last (:func:`im2col_channels_last`) against its weights
   reordered to (i, j, c) once per pass.
-* **conv1 without im2col going forward.** With one input channel, im2col would copy every pixel
-  25 times to feed a product with only six rows; :func:`conv_single_channel_forward` sums each
-  output where it stands, with bias, activation and pooling in the same pass. Its backward pass
-  does unfold the image, in the reference's layout (long contiguous copies).
+* **conv1 without im2col.** With one input channel, im2col would copy every pixel 25 times to
+  feed products with only six rows; :func:`conv_single_channel_forward` sums each output where
+  it stands, with bias, activation and pooling in the same pass, and
+  :func:`conv_single_channel_backward` forms dL/dW and dL/dx from the image in place.
 * **Fused pointwise work.** Bias + activation run on the product as it leaves BLAS; the pooling
   backward and the activation derivative are one pass. The optimisers update the flat parameter
   buffer in one parallel loop.
@@ -41,9 +41,10 @@ import llvmlite.binding as llvm
 __all__ = [
     "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
     "PARAMETER_SHAPES", "SUB_BATCH", "BLAS_LIBRARY",
-    "NUM_PARAMETERS", "kernel", "gemm", "im2col", "col2im", "im2col_channels_last",
+    "NUM_PARAMETERS", "kernel", "gemm", "im2col_channels_last",
     "col2im_channels_last", "permute_conv_weight", "add_unpermuted_conv_weight", "bias_activation",
-    "activate_in_place", "activation_backward", "conv_single_channel_forward", "pool_forward", "pool_activation_backward", "lenet_forward",
+    "activate_in_place", "activation_backward", "conv_single_channel_forward",
+    "conv_single_channel_backward", "pool_forward", "pool_activation_backward", "lenet_forward",
     "lenet_backward", "adam_step", "sgd_step", "blas_threads", "set_blas_threads", "warmup",
 ]
 
@@ -75,8 +76,8 @@ _OFFSETS = tuple(int(o) for o in np.concatenate([[0], np.cumsum(_SIZES)]))
 NUM_PARAMETERS = _OFFSETS[-1]
 KERNEL = 5          # every LeNet-5 convolution is 5x5, stride 1, no padding
 POOL = 2            # every pooling window is 2x2, stride 2
-# Images per im2col sub-batch: conv1's cols (25, SUB_BATCH * 784) and conv2's (SUB_BATCH * 100, 150)
-# then take 300 KB and 240 KB in float32, so each stays in a 512 KB L2 cache.
+# Images per im2col sub-batch: conv2's cols (SUB_BATCH * 100, 150) then take 240 KB in float32 and
+# stay in a 512 KB L2 cache, with the sub-batch's activations beside them.
 SUB_BATCH = 4
 
 
@@ -199,10 +200,10 @@ def gemm(a, b, c, transpose_a=False, transpose_b=False, beta=0.0):
 
 
 # --------------------------------------------------------------------------------------------
-# im2col and col2im, in two layouts
+# im2col and col2im, channels-last
 # --------------------------------------------------------------------------------------------
 
-# These four kernels only move data, and are memory-bound only if their inner copy loops vectorise.
+# These two kernels only move data, and are memory-bound only if their inner copy loops vectorise.
 # They index flat buffers with unsigned offsets: Numba adds a wrap-around test to every negative-
 # capable (signed) index it cannot prove non-negative, and that test alone makes them 2-4x slower.
 _ONE = np.uint64(1)
@@ -213,58 +214,6 @@ def _unsigned_shape(array):
     """The four dimensions of a 4-D array as unsigned ints."""
     return (np.uint64(array.shape[0]), np.uint64(array.shape[1]), np.uint64(array.shape[2]),
             np.uint64(array.shape[3]))
-
-
-@kernel
-def im2col(x, kernel_h, kernel_w, cols):
-    """Unfold the kernel windows of an NCHW batch: the NumPy reference's layout, stride 1.
-
-    ``cols[(c, i, j), (n, oh, ow)] = x[n, c, oh + i, ow + j]``, exactly as
-    :func:`numpylenet.layers.im2col` (whose docstring explains the layout). Each (c, i, j, n, oh)
-    is one copy of OW contiguous pixels, which is why conv1's backward pass (one channel, OW = 28)
-    uses it.
-
-    x : (N, C, H, W), C-contiguous;  cols : (C kh kw, N OH OW), C-contiguous,
-    OH = H - kh + 1, OW = W - kw + 1.
-    """
-    n_images, channels, height, width = _unsigned_shape(x)
-    kh, kw = np.uint64(kernel_h), np.uint64(kernel_w)
-    out_h, out_w = height - kh + _ONE, width - kw + _ONE
-    source, target = x.ravel(), cols.ravel()
-    row_length = n_images * out_h * out_w
-    for c in range(channels):
-        for i in range(kh):
-            for j in range(kw):
-                row = (c * kh + i) * kw + j
-                for n in range(n_images):
-                    for oh in range(out_h):
-                        to = row * row_length + (n * out_h + oh) * out_w
-                        start = ((n * channels + c) * height + oh + i) * width + j
-                        for ow in range(out_w):
-                            target[to + ow] = source[start + ow]
-
-
-@kernel
-def col2im(cols, kernel_h, kernel_w, grad_x):
-    """The adjoint of :func:`im2col`: ADD each column back onto its window of grad_x (N, C, H, W).
-
-    Both arrays C-contiguous; zero grad_x first to get the plain adjoint.
-    """
-    n_images, channels, height, width = _unsigned_shape(grad_x)
-    kh, kw = np.uint64(kernel_h), np.uint64(kernel_w)
-    out_h, out_w = height - kh + _ONE, width - kw + _ONE
-    source, target = cols.ravel(), grad_x.ravel()
-    row_length = n_images * out_h * out_w
-    for c in range(channels):
-        for i in range(kh):
-            for j in range(kw):
-                row = (c * kh + i) * kw + j
-                for n in range(n_images):
-                    for oh in range(out_h):
-                        start = row * row_length + (n * out_h + oh) * out_w
-                        to = ((n * channels + c) * height + oh + i) * width + j
-                        for ow in range(out_w):
-                            target[to + ow] += source[start + ow]
 
 
 @kernel
@@ -456,17 +405,17 @@ def pool_activation_backward(grad_out, y, pool, activation, kernel_h, kernel_w, 
     for n in range(n_images):
         grad_z[n, out_h * kernel_h:, :, :] = 0
         grad_z[n, :, out_w * kernel_w:, :] = 0
-        for oh in range(out_h):
-            for ow in range(out_w):
-                h0, w0 = oh * kernel_h, ow * kernel_w
-                if pool == AVG:
-                    for i in range(kernel_h):
-                        for j in range(kernel_w):
-                            for c in range(channels):
-                                grad_z[n, h0 + i, w0 + j, c] = (grad_out[n, oh, ow, c] * scale *
-                                    _derivative(y[n, h0 + i, w0 + j, c], activation, one))
-                else:
-                    for c in range(channels):
+        for c in range(channels):       # outermost: conv1's channel-major layout reads rows
+            for oh in range(out_h):
+                for ow in range(out_w):
+                    h0, w0 = oh * kernel_h, ow * kernel_w
+                    grad = grad_out[n, oh, ow, c]
+                    if pool == AVG:
+                        for i in range(kernel_h):
+                            for j in range(kernel_w):
+                                grad_z[n, h0 + i, w0 + j, c] = grad * scale * _derivative(
+                                    y[n, h0 + i, w0 + j, c], activation, one)
+                    else:
                         best_i, best_j, best = 0, 0, y[n, h0, w0, c]
                         for i in range(kernel_h):
                             for j in range(kernel_w):
@@ -476,43 +425,42 @@ def pool_activation_backward(grad_out, y, pool, activation, kernel_h, kernel_w, 
                             for j in range(kernel_w):
                                 winner = i == best_i and j == best_j
                                 grad_z[n, h0 + i, w0 + j, c] = (
-                                    grad_out[n, oh, ow, c] * _derivative(best, activation, one)
-                                    if winner else 0)
+                                    grad * _derivative(best, activation, one) if winner else 0)
 
 
 # --------------------------------------------------------------------------------------------
 # conv1 directly: a one-channel input needs no im2col
 # --------------------------------------------------------------------------------------------
 
+# With one input channel, im2col would copy every pixel 25 times only to feed products with six
+# rows. These two kernels instead work on the image in place, in flat positions p = oh W + ow of
+# its rows (width W), where the 5x5 kernel's tap (i, j) sits at offset i W + j. Their loops run
+# over all (OH - 1) W + OW positions at once: a single output row (OW = 28) is too short for the
+# 32-wide unrolled vector loop LLVM emits, so a loop per row would run scalar. conv1's output is
+# therefore kept in the same row layout, (N, C, OH, W); the positions with ow >= OW straddle two
+# rows: computed, never used, and their gradient is 0.
+
+
 @kernel(fastmath=True)
-def conv_single_channel_forward(x, weight, bias, activation, pool, y, pooled, rows):
-    """conv1's forward pass computed directly, fused with its bias, activation and pooling.
+def conv_single_channel_forward(x, weight, bias, activation, pool, y, pooled):
+    """conv1's forward pass, fused with its bias, activation and 2x2 pooling::
 
-    For a one-channel input, im2col would copy every pixel 25 times only to feed a product with
-    six rows; instead each output is summed where it stands. In flat positions p = oh W + ow of
-    the input's rows (width W), with the 5x5 kernel's taps at offsets i W + j::
-
-        z[c, p] = b[c] + sum_{i, j} weight[c, (i, j)] x[p + i W + j]
-        y[n, oh, ow, c] = f(z[c, oh W + ow]),   pooled = mean or max of y over 2x2 windows
-
-    One loop over all (OH - 1) W + OW positions vectorises well; a single output row (OW = 28) is
-    too short for the 32-wide unrolled vector loop LLVM emits, so it would run scalar. The
-    positions with ow >= OW straddle two rows: computed, never used.
+        y[n, c, p] = f(b[c] + sum_{i, j} weight[c, (i, j)] x[n, p + i W + j])   (p = oh W + ow)
+        pooled[n, ph, pw, c] = mean or max of y[n, c, 2 ph + i, 2 pw + j] over i, j in {0, 1}
 
     x : (N, 1, H, W);  weight : (C, 25), torch's (i, j) order;  bias : (C,);
-    y : (N, OH, OW, C), C-contiguous, OH = H - 4, OW = W - 4;  pooled : (N, OH // 2, OW // 2, C);
-    rows : (C, >= (OH - 1) W + OW) scratch, z channel-major.
+    y : (N, C, OH, W), C-contiguous, OH = H - 4, valid for ow < OW = W - 4 (see above; its last
+    four entries, past the last window, are set to 0);  pooled : (N, OH // 2, OW // 2, C).
     """
-    n_images, out_h, out_w, channels = _unsigned_shape(y)
+    n_images, channels, out_h, width = _unsigned_shape(y)
     pooled_h, pooled_w = np.uint64(pooled.shape[1]), np.uint64(pooled.shape[2])
-    width = np.uint64(x.shape[3])
-    span = (out_h - _ONE) * width + out_w
+    span = (out_h - _ONE) * width + width - np.uint64(KERNEL - 1)
     one = y.dtype.type(1)
     scale = y.dtype.type(1.0 / (POOL * POOL))
     for n in range(n_images):
-        image, out = x[n, 0].ravel(), y[n].ravel()
+        image = x[n, 0].ravel()
         for c in range(channels):
-            z = rows[c]
+            z = y[n, c].ravel()
             for p in range(span):
                 total = one - one
                 for i in range(KERNEL):
@@ -520,10 +468,8 @@ def conv_single_channel_forward(x, weight, bias, activation, pool, y, pooled, ro
                         tap = np.uint64(i) * width + np.uint64(j)
                         total += weight[c, i * KERNEL + j] * image[p + tap]
                 z[p] = total + bias[c]
+            z[span:] = 0
             activate_in_place(z[:span], activation)
-            for oh in range(out_h):
-                for ow in range(out_w):
-                    out[(oh * out_w + ow) * channels + c] = z[oh * width + ow]
             for ph in range(pooled_h):
                 for pw in range(pooled_w):
                     corner = (ph * width + pw) * np.uint64(POOL)
@@ -536,6 +482,52 @@ def conv_single_channel_forward(x, weight, bias, activation, pool, y, pooled, ro
                             elif i + j > 0:
                                 result += value
                     pooled[n, ph, pw, c] = result if pool == MAX else result * scale
+
+
+@kernel(fastmath=True)
+def conv_single_channel_backward(x, weight, y, grad_pooled, activation, pool, grad_weight,
+                                 grad_bias, grad_z, grad_x, input_grad):
+    """conv1's backward pass, from dL/d(pooled) back through pooling, activation and the
+    convolution, in the row layout of :func:`conv_single_channel_forward`::
+
+        dz = pooling backward of grad_pooled, times f'        (0 at the straddling positions)
+        dW[c, (i, j)] += sum_p dz[c, p] x[p + i W + j]        db[c] += sum_p dz[c, p]
+        dx[p + i W + j] = sum_{c, p} W[c, (i, j)] dz[c, p]     (only if input_grad)
+
+    x : (N, 1, H, W);  weight, grad_weight : (C, 25);  grad_bias : (C,);  y : (N, C, OH, W) as
+    the forward pass stored it;  grad_pooled : (N, OH // 2, OW // 2, C);  grad_z : (C, OH, W)
+    scratch;  grad_x : (N, 1, H, W), overwritten if input_grad.
+    """
+    n_images, channels, out_h, width = _unsigned_shape(y)
+    span = (out_h - _ONE) * width + width - np.uint64(KERNEL - 1)
+    for n in range(n_images):
+        pool_activation_backward(grad_pooled[n:n + 1], y[n:n + 1].transpose(0, 2, 3, 1), pool,
+                                 activation, POOL, POOL, grad_z[np.newaxis].transpose(0, 2, 3, 1))
+        image = x[n, 0].ravel()
+        for c in range(channels):
+            dz = grad_z[c].ravel()
+            total = dz[0] - dz[0]
+            for p in range(span):
+                total += dz[p]
+            grad_bias[c] += total
+            for i in range(KERNEL):
+                for j in range(KERNEL):
+                    tap = np.uint64(i) * width + np.uint64(j)
+                    total = dz[0] - dz[0]
+                    for p in range(span):
+                        total += dz[p] * image[p + tap]
+                    grad_weight[c, i * KERNEL + j] += total
+        if input_grad:
+            grad_image = grad_x[n, 0].ravel()
+            grad_image[:] = 0
+            for c in range(channels):
+                dz = grad_z[c].ravel()
+                for i in range(KERNEL):
+                    for j in range(KERNEL):
+                        tap = np.uint64(i) * width + np.uint64(j)
+                        w = weight[c, i * KERNEL + j]
+                        for p in range(span):
+                            grad_image[p + tap] += w * dz[p]
 
 
 @kernel(fastmath=True)
@@ -578,7 +570,7 @@ def _dense_backward(grad_y, x, weight, grad_weight, grad_bias, grad_x):
 
 
 @kernel
-def _forward_images(x, params, w2, activation, pool, y1, p1, y2, p2, y3, y4, logits, cols2, conv1):
+def _forward_images(x, params, w2, activation, pool, y1, p1, y2, p2, y3, y4, logits, cols2):
     """:func:`lenet_forward` for one thread's slice of the batch (all arrays sliced to it)."""
     w1, b1, _, b2, w3, b3, w4, b4, w5, b5 = _unpack(params)
     n = x.shape[0]
@@ -586,7 +578,7 @@ def _forward_images(x, params, w2, activation, pool, y1, p1, y2, p2, y3, y4, log
         stop = min(start + SUB_BATCH, n)
         rows2 = (stop - start) * 100
         conv_single_channel_forward(x[start:stop], w1, b1, activation, pool, y1[start:stop],
-                                    p1[start:stop], conv1)
+                                    p1[start:stop])
         # conv2: channels-last cols (rows2, 150) against the (i, j, c)-ordered weights.
         window2 = cols2[:rows2 * 150].reshape(rows2, 150)
         im2col_channels_last(p1[start:stop], KERNEL, KERNEL, window2)
@@ -600,27 +592,27 @@ def _forward_images(x, params, w2, activation, pool, y1, p1, y2, p2, y3, y4, log
 
 
 @kernel(parallel=True)
-def lenet_forward(x, params, activation, pool, w2, y1, p1, y2, p2, y3, y4, logits, cols2, conv1):
+def lenet_forward(x, params, activation, pool, w2, y1, p1, y2, p2, y3, y4, logits, cols2):
     """LeNet-5's forward pass for a batch, storing what the backward pass needs.
 
     x (N, 1, 32, 32);  params: the flat parameter buffer (61,706,).
-    Outputs, channels-last:  y1 (N, 28, 28, 6) conv1 after activation;  p1 (N, 14, 14, 6) pooled;
-    y2 (N, 10, 10, 16);  p2 (N, 16, 5, 5) pooled, in torch's (c, h, w) order, conv3's input;
-    y3 (N, 120);  y4 (N, 84);  logits (N, 10).  w2 (16, 150): conv2's weight, (i, j, c) order.
-    Scratch, one per thread:  cols2 (T, SUB_BATCH * 100 * 150), conv2's im2col;
-    conv1 (T, 6, 27 * 32 + 28), conv1's output channel-major (see conv_single_channel_forward).
+    Outputs:  y1 (N, 6, 28, 32) conv1 after activation, in the input's rows (see
+    conv_single_channel_forward);  channels-last: p1 (N, 14, 14, 6) pooled, y2 (N, 10, 10, 16);
+    p2 (N, 16, 5, 5) pooled, in torch's (c, h, w) order, conv3's input;  y3 (N, 120);  y4 (N, 84);
+    logits (N, 10).  w2 (16, 150): conv2's weight, (i, j, c) order.
+    Scratch:  cols2 (T, SUB_BATCH * 100 * 150), conv2's im2col, one per thread.
     """
     n_images, threads = x.shape[0], cols2.shape[0]
     permute_conv_weight(_unpack(params)[2], KERNEL * KERNEL, w2)
     for t in prange(threads):
         lo, hi = t * n_images // threads, (t + 1) * n_images // threads
         _forward_images(x[lo:hi], params, w2, activation, pool, y1[lo:hi], p1[lo:hi], y2[lo:hi],
-                        p2[lo:hi], y3[lo:hi], y4[lo:hi], logits[lo:hi], cols2[t], conv1[t])
+                        p2[lo:hi], y3[lo:hi], y4[lo:hi], logits[lo:hi], cols2[t])
 
 
 @kernel
 def _backward_images(x, params, w2, activation, pool, grad_logits, y1, p1, y2, p2, y3, y4,
-                     grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols1, cols2,
+                     grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols2,
                      grad_w2, grads, grad_x, input_grad):
     """:func:`lenet_backward` for one thread's slice of the batch, ADDED into ``grads`` (flat).
 
@@ -639,7 +631,7 @@ def _backward_images(x, params, w2, activation, pool, grad_logits, y1, p1, y2, p
     for start in range(0, n, SUB_BATCH):
         stop = min(start + SUB_BATCH, n)
         count = stop - start
-        rows1, rows2 = count * 784, count * 100
+        rows2 = count * 100
         # conv2
         pool_activation_backward(grad_p2[start:stop].transpose(0, 2, 3, 1), y2[start:stop], pool,
                                  activation, POOL, POOL, grad_z2[:count])
@@ -652,34 +644,25 @@ def _backward_images(x, params, w2, activation, pool, grad_logits, y1, p1, y2, p
         grad_p1[:count] = 0
         col2im_channels_last(window2, KERNEL, KERNEL, grad_p1[:count])
         # conv1
-        pool_activation_backward(grad_p1[:count], y1[start:stop], pool, activation, POOL, POOL,
-                                 grad_z1[:count])
-        g1 = grad_z1[:count].reshape(rows1, 6)
-        _add_column_sums(g1, gb1)
-        window1 = cols1[:25 * rows1].reshape(25, rows1)
-        im2col(x[start:stop], KERNEL, KERNEL, window1)
-        gemm(g1, window1, gw1, True, True, 1.0)                # dW += dZ^T @ cols^T
-        if input_grad:
-            gemm(w1, g1, window1, True, True)                  # dcols = W^T @ dZ^T
-            grad_x[start:stop] = 0
-            col2im(window1, KERNEL, KERNEL, grad_x[start:stop])
+        conv_single_channel_backward(x[start:stop], w1, y1[start:stop], grad_p1[:count], activation,
+                                     pool, gw1, gb1, grad_z1, grad_x[start:stop], input_grad)
     add_unpermuted_conv_weight(grad_w2, KERNEL * KERNEL, gw2)
 
 
 @kernel(parallel=True)
 def lenet_backward(x, params, activation, pool, grad_logits, w2, y1, p1, y2, p2, y3, y4,
-                   grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols1, cols2, grad_w2,
+                   grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols2, grad_w2,
                    thread_grads, flat_grad, grad_x, input_grad):
     """LeNet-5's backward pass from dL/dlogits (N, 10), using what :func:`lenet_forward` stored.
 
     Adds dL/dW to ``flat_grad`` (61,706,) and, if ``input_grad``, writes dL/dx into
     grad_x (N, 1, 32, 32). Batch-sized scratch: grad_y4 (N, 84), grad_y3 (N, 120),
-    grad_p2 (N, 16, 5, 5). Per-thread scratch: grad_z1 (T, SUB_BATCH, 28, 28, 6),
-    grad_p1 (T, SUB_BATCH, 14, 14, 6), grad_z2 (T, SUB_BATCH, 10, 10, 16), cols1, cols2 as in
+    grad_p2 (N, 16, 5, 5). Per-thread scratch: grad_z1 (T, 6, 28, 32),
+    grad_p1 (T, SUB_BATCH, 14, 14, 6), grad_z2 (T, SUB_BATCH, 10, 10, 16), cols2 as in
     forward, grad_w2 (T, 16, 150), thread_grads (T, 61,706): each thread's gradient, whose sum is
     added into flat_grad at the end.
     """
-    n_images, threads = x.shape[0], cols1.shape[0]
+    n_images, threads = x.shape[0], cols2.shape[0]
     permute_conv_weight(_unpack(params)[2], KERNEL * KERNEL, w2)
     for t in prange(threads):
         lo, hi = t * n_images // threads, (t + 1) * n_images // threads
@@ -687,7 +670,7 @@ def lenet_backward(x, params, activation, pool, grad_logits, w2, y1, p1, y2, p2,
         _backward_images(x[lo:hi], params, w2, activation, pool, grad_logits[lo:hi], y1[lo:hi],
                          p1[lo:hi], y2[lo:hi], p2[lo:hi], y3[lo:hi], y4[lo:hi], grad_y4[lo:hi],
                          grad_y3[lo:hi], grad_p2[lo:hi], grad_z1[t], grad_p1[t], grad_z2[t],
-                         cols1[t], cols2[t], grad_w2[t], thread_grads[t], grad_x[lo:hi], input_grad)
+                         cols2[t], grad_w2[t], thread_grads[t], grad_x[lo:hi], input_grad)
     # flat_grad += (the threads' sum): one addition into flat_grad per step, as the reference.
     block = 4096
     for b in prange((flat_grad.size + block - 1) // block):

@@ -41,7 +41,7 @@ def nchw(x):
 
 
 # --------------------------------------------------------------------------------------------
-# im2col / col2im in both layouts, against layers.im2col / layers.col2im
+# im2col / col2im channels-last, against layers.im2col / layers.col2im
 # --------------------------------------------------------------------------------------------
 
 def channels_last_cols(cols, channels, kh, kw):
@@ -50,30 +50,25 @@ def channels_last_cols(cols, channels, kh, kw):
 
 
 def check_im2col(shape, kernel, dtype=np.float64):
+    """im2col_channels_last / col2im_channels_last vs layers.im2col / layers.col2im (NCHW)."""
     n, c, h, w = shape
     kh, kw = kernel
     x = random(shape, dtype)
     reference = layers.im2col(x, kernel)
-    cols = np.full(reference.shape, np.nan, dtype)
-    kernels.im2col(x, kh, kw, cols)
-    assert np.array_equal(cols, reference)
     cols_last = np.full((reference.shape[1], reference.shape[0]), np.nan, dtype)
     kernels.im2col_channels_last(nhwc(x), kh, kw, cols_last)
     assert np.array_equal(cols_last, channels_last_cols(reference, c, kh, kw))
     # col2im: against the reference, and as the adjoint: <im2col(x), G> == <x, col2im(G)>.
     grad_cols = random(reference.shape, dtype, seed=1)
     expected = layers.col2im(grad_cols, shape, kernel)
-    grad_x = np.zeros(shape, dtype)
-    kernels.col2im(grad_cols, kh, kw, grad_x)
     grad_x_last = np.zeros((n, h, w, c), dtype)
     kernels.col2im_channels_last(channels_last_cols(grad_cols, c, kh, kw), kh, kw, grad_x_last)
-    assert_close(f"col2im {shape} {kernel}", {"col2im": (grad_x, expected),
-                                              "col2im_channels_last": (nchw(grad_x_last), expected)},
+    assert_close(f"col2im {shape} {kernel}", {"col2im_channels_last": (nchw(grad_x_last), expected)},
                  TOL[np.dtype(dtype)])
-    assert np.isclose(np.sum(reference * grad_cols), np.sum(x * grad_x), rtol=1e-4 if dtype == np.float32 else 1e-12)
+    assert np.isclose(np.sum(reference * grad_cols), np.sum(nchw(grad_x_last) * x),
+                      rtol=1e-4 if dtype == np.float32 else 1e-12)
 
 
-def test_im2col_lenet_conv1(): check_im2col((3, 1, 32, 32), (5, 5))
 def test_im2col_lenet_conv2(): check_im2col((2, 6, 14, 14), (5, 5), np.float32)
 def test_im2col_odd_shape(): check_im2col((3, 2, 7, 9), (3, 2))
 def test_im2col_batch1(): check_im2col((1, 3, 5, 6), (2, 4), np.float32)
@@ -142,22 +137,32 @@ def test_pool_transposed_output(): check_pool("relu", "avg", (2, 16, 10, 10), (2
 
 
 def check_conv_single_channel(activation, pool, shape, dtype=np.float64):
-    """conv_single_channel_forward vs Conv2d(1, C, 5), the activation, then 2x2 pooling."""
+    """conv_single_channel_forward / _backward vs Conv2d(1, C, 5), the activation, 2x2 pooling."""
     n, h, w, channels = shape
+    out_h, out_w = h - 4, w - 4
     conv = layers.Conv2d(1, channels, 5, dtype=dtype, rng=np.random.default_rng(1))
     act_layer, pool_layer = ACTIVATIONS[activation](), POOLS[pool](2)
     x = random((n, 1, h, w), dtype)
     y_ref = act_layer.forward(conv.forward(x))
     pooled_ref = pool_layer.forward(y_ref)
-    y = np.full(nhwc(y_ref).shape, np.nan, dtype)
+    codes = kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool]
+    weight = conv.weight.data.reshape(channels, 25)
+    y = np.full((n, channels, out_h, w), np.nan, dtype)        # the input's row width, w
     pooled = np.full(nhwc(pooled_ref).shape, np.nan, dtype)
-    rows = np.full((channels, (h - 4) * w), np.nan, dtype)     # larger than needed: only its start is used
-    kernels.conv_single_channel_forward(x, conv.weight.data.reshape(channels, 25), conv.bias.data,
-                                        kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool],
-                                        y, pooled, rows)
-    assert_close(f"conv1 direct {activation}/{pool} {shape}", {"y": (nchw(y), y_ref),
-                                                                "pooled": (nchw(pooled), pooled_ref)},
-                 TOL[np.dtype(dtype)])
+    kernels.conv_single_channel_forward(x, weight, conv.bias.data, *codes, y, pooled)
+
+    grad_pooled = random(pooled_ref.shape, dtype, seed=2)
+    grad_x_ref = conv.backward(act_layer.backward(pool_layer.backward(grad_pooled)))
+    grad_weight, grad_bias = np.ones((channels, 25), dtype), np.ones(channels, dtype)   # added to
+    grad_z = np.full((channels, out_h, w), np.nan, dtype)
+    grad_x = np.full(x.shape, np.nan, dtype)
+    kernels.conv_single_channel_backward(x, weight, y, nhwc(grad_pooled), *codes, grad_weight,
+                                         grad_bias, grad_z, grad_x, True)
+    assert_close(f"conv1 direct {activation}/{pool} {shape}", {
+        "y": (y[..., :out_w], y_ref), "pooled": (nchw(pooled), pooled_ref),
+        "grad_x": (grad_x, grad_x_ref), "grad_weight": (grad_weight - 1, conv.weight.grad.reshape(channels, 25)),
+        "grad_bias": (grad_bias - 1, conv.bias.grad)}, TOL[np.dtype(dtype)])
+    assert np.all(y.reshape(n, channels, -1)[:, :, -4:] == 0)            # past the last window
 
 
 @pytest.mark.parametrize("activation, pool", COMBINATIONS)
