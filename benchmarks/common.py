@@ -39,9 +39,10 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 __all__ = ["REPO", "RESULTS", "make_parser", "data_dir", "set_threads", "thread_report", "Machine",
-           "detect_machine", "vector_isa", "versions", "metadata", "Timing", "SETTLE_SECONDS", "interleaved_timings",
-           "throughput", "throughput_rows", "throughput_table", "markdown_table", "publish", "write_json", "save_figure", "forward_flops_per_image",
-           "training_flops_per_image"]
+           "detect_machine", "vector_isa", "versions", "metadata", "Timing", "SETTLE_SECONDS",
+           "interleaved_timings", "throughput", "throughput_main", "throughput_rows",
+           "throughput_table", "markdown_table", "publish", "write_json", "save_figure",
+           "forward_flops_per_image", "training_flops_per_image"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +379,32 @@ def throughput(args: argparse.Namespace, functions: Callable[[int, "np.random.Ge
     contenders = {(framework, batch_size): function for batch_size in args.batch_sizes
                   for framework, function in functions(batch_size, rng).items()}
     timings = interleaved_timings(contenders, args.repeats, min_repeat_seconds=min_repeat_seconds,
-                                  warmup=warmup, settle_seconds=0.0 if args.quick else SETTLE_SECONDS)
+                                  warmup=warmup,
+                                  settle_seconds=0.0 if args.quick else SETTLE_SECONDS)
     rows = throughput_rows(timings, flops_per_image, peak)
     return rows, throughput_table(rows, min(args.threads, machine.cores)), peak
+
+
+def throughput_main(argv: list[str] | None, name: str, description: str,
+                    functions: Callable[[int, "np.random.Generator"], dict], flops_per_image: int, *,
+                    batch_sizes: list[int], quick_batch_sizes: list[int], min_repeat_seconds: float,
+                    warmup: int = 1, details: Mapping[str, object] | None = None) -> dict:
+    """The whole of a throughput benchmark (``step``, ``inference``): the command line (the common
+    flags and ``--batch-sizes``), threads, :func:`throughput`, then :func:`publish` with
+    ``details`` (which name the FLOP count), the peak, the rows and the table. ``--quick`` times
+    one repeat of ``quick_batch_sizes`` without the minimum repeat length."""
+    parser = make_parser(name, description)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes,
+                        help=f"batch sizes to time (default {' '.join(map(str, batch_sizes))})")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.batch_sizes = 1, quick_batch_sizes
+    set_threads(args.threads)
+    rows, table, peak = throughput(args, functions, flops_per_image, warmup=warmup,
+                                   min_repeat_seconds=0.0 if args.quick else min_repeat_seconds)
+    return publish(args, name, {
+        "dtype": "float32", **(details or {}), "peak_flops_for_threads": peak,
+        "batch_sizes": args.batch_sizes, "rows": rows, "markdown": table})
 
 
 def throughput_rows(timings: Mapping[tuple[str, int], Timing], flops_per_image: int,

@@ -46,19 +46,11 @@ def forward_functions(batch_size: int, rng: np.random.Generator) -> dict[str, Ca
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = common.make_parser(NAME, __doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 1000],
-                        help="batch sizes to time (default 1 1000)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.batch_sizes = 1, [1, 100]
-    common.set_threads(args.threads)
     flops = common.forward_flops_per_image()
-    rows, table, peak = common.throughput(args, forward_functions, flops,
-                                          min_repeat_seconds=0.0 if args.quick else 0.2)
-    return common.publish(args, NAME, {
-        "dtype": "float32", "forward_flops_per_image": flops, "peak_flops_for_threads": peak,
-        "batch_sizes": args.batch_sizes, "rows": rows, "markdown": table})
+    return common.throughput_main(argv, NAME, __doc__.splitlines()[0], forward_functions, flops,
+                                  batch_sizes=[1, 1000], quick_batch_sizes=[1, 100],
+                                  min_repeat_seconds=0.2,
+                                  details={"forward_flops_per_image": flops})
 
 
 if __name__ == "__main__":

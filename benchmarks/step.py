@@ -66,20 +66,12 @@ def batch_step_functions(batch_size: int, rng: np.random.Generator) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = common.make_parser(NAME, __doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 64, 256],
-                        help="batch sizes to time (default 1 32 64 256)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.batch_sizes = 1, [1, 32]
-    common.set_threads(args.threads)
     flops = common.training_flops_per_image()
-    rows, table, peak = common.throughput(args, batch_step_functions, flops, warmup=3,
-                                          min_repeat_seconds=0.0 if args.quick else 0.3)
-    return common.publish(args, NAME, {
-        "dtype": "float32", "optimizer": "Adam(lr=1e-3)", "training_flops_per_image": flops,
-        "peak_flops_for_threads": peak, "batch_sizes": args.batch_sizes, "rows": rows,
-        "markdown": table})
+    return common.throughput_main(argv, NAME, __doc__.splitlines()[0], batch_step_functions, flops,
+                                  batch_sizes=[1, 32, 64, 256], quick_batch_sizes=[1, 32],
+                                  min_repeat_seconds=0.3, warmup=3,
+                                  details={"optimizer": "Adam(lr=1e-3)",
+                                           "training_flops_per_image": flops})
 
 
 if __name__ == "__main__":
