@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from numpylenet.model import LeNet5
+from numpylenet.optim import parse_state_key, state_key
 from numpylenet.recipes import TrainConfig
 from numpylenet.train import main as numpylenet_main
 from reference.lenet import TorchLeNet5, copy_numpy_to_torch
 
 __all__ = ["TorchLearner", "main"]
 
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}   # keys: names.DTYPE_NAMES
 # torch.optim's per-parameter state entries, named as numpylenet's optimisers name theirs.
 BUFFERS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 
@@ -81,7 +82,7 @@ class TorchLearner:
             for name in BUFFERS[self.kind]:
                 buffer = self.optimizer.state.get(param, {}).get(name)
                 if buffer is not None:
-                    state[f"{name}.{index}"] = buffer.detach().numpy().copy()
+                    state[state_key(name, index)] = buffer.detach().numpy().copy()
         return state
 
     def load_state(self, model: dict[str, np.ndarray], optimizer: dict[str, np.ndarray] | None) -> None:
@@ -96,10 +97,8 @@ class TorchLearner:
         self.steps = int(optimizer.pop("step"))
         per_param: dict[int, dict] = {}
         for key, value in optimizer.items():
-            name, _, index = key.rpartition(".")
-            if name not in BUFFERS[self.kind] or not index.isdigit() or int(index) >= len(self.params):
-                raise ValueError(f"unexpected key {key!r} in the optimizer state")
-            per_param.setdefault(int(index), {})[name] = torch.from_numpy(np.array(value)).to(self.dtype)
+            name, index = parse_state_key(key, BUFFERS[self.kind], len(self.params))
+            per_param.setdefault(index, {})[name] = torch.from_numpy(np.array(value)).to(self.dtype)
         if self.kind == "adam":
             for entry in per_param.values():
                 entry["step"] = torch.tensor(float(self.steps))
