@@ -48,7 +48,7 @@ def fused_buffers(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndarray] 
     The model is the one that packed the first parameter (``params[0].owner``); then one loop
     over its flat buffers updates exactly these parameters.
     """
-    model = params[0].owner
+    model = getattr(params[0], "owner", None)
     if model is None or model.backend != "numba":
         return None
     own = model.parameters()

@@ -189,13 +189,13 @@ def check_conv1(activation, pool, shape, dtype=np.float64):
     conv1 = (conv.weight.data.reshape(channels, 25), conv.bias.data)
     y = np.full((n, channels, out_h, w), np.nan, dtype)        # the input's row width, w
     pooled = np.full(nhwc(pooled_ref).shape, np.nan, dtype)
-    kernels.conv1_forward(x, conv1, codes(activation, pool), y, pooled)
+    kernels.conv1_forward(x, conv1, codes(activation, pool), y=y, pooled=pooled)
 
     grad_conv1 = (np.ones((channels, 25), dtype), np.ones(channels, dtype))    # added to
     grad_z = np.full((channels, out_h, w), np.nan, dtype)
     grad_x = np.full(x.shape, np.nan, dtype)
-    kernels.conv1_backward(nhwc(grad_pooled), x, y, conv1, codes(activation, pool), grad_conv1, grad_z,
-                           grad_x, True)
+    kernels.conv1_backward(nhwc(grad_pooled), x, y, conv1, codes(activation, pool), grad_conv1=grad_conv1,
+                           grad_z=grad_z, grad_x=grad_x, input_grad=True)
     assert_close(f"conv1 {activation}/{pool} {shape}", {
         "y": (y[..., :out_w], y_ref), "pooled": (nchw(pooled), pooled_ref), "grad_x": (grad_x, grad_x_ref),
         "grad_weight": (grad_conv1[0] - 1, conv.weight.grad.reshape(channels, 25)),
@@ -223,13 +223,14 @@ def check_conv2(activation, pool, shape, dtype=np.float64):
     cols = np.full(n * out_h * out_w * weight.shape[1], np.nan, dtype)
     y = np.full((n, out_h, out_w, out_channels), np.nan, dtype)
     pooled = np.full(pooled_ref.shape, np.nan, dtype)                    # (c, h, w) order, as pool2
-    kernels.conv2_forward(nhwc(x), (weight, conv.bias.data), codes(activation, pool), cols, y, pooled)
+    kernels.conv2_forward(nhwc(x), (weight, conv.bias.data), codes(activation, pool), cols=cols, y=y,
+                          pooled=pooled)
 
     grad_conv2 = (np.ones_like(weight), np.ones(out_channels, dtype))  # added to
     grad_z = np.full(y.shape, np.nan, dtype)
     grad_x = np.full((n, h, w, in_channels), np.nan, dtype)
     kernels.conv2_backward(grad_pooled, nhwc(x), y, (weight, conv.bias.data), codes(activation, pool),
-                           grad_conv2, cols, grad_z, grad_x)
+                           grad_conv2=grad_conv2, cols=cols, grad_z=grad_z, grad_x=grad_x)
     grad_weight = np.zeros((out_channels, weight.shape[1]), dtype)         # back to torch's order
     kernels.add_unpermuted_conv_weight(grad_conv2[0] - 1, 25, grad_weight)
     assert_close(f"conv2 {activation}/{pool} {shape}", {
@@ -256,10 +257,10 @@ def check_dense(activation, shape, dtype=np.float64):
     grad_x_ref = linear.backward(act_layer.backward(grad_y))
     layer = (linear.weight.data, linear.bias.data)
     y = np.full((n, out_features), np.nan, dtype)
-    kernels.dense_forward(x, layer, code, y)
+    kernels.dense_forward(x, layer, code, y=y)
     grad_layer = (np.ones_like(linear.weight.data), np.ones_like(linear.bias.data))   # added to
     grad_x = np.full(x.shape, np.nan, dtype)
-    kernels.dense_backward(grad_y.copy(), x, y, layer, code, grad_layer, grad_x)
+    kernels.dense_backward(grad_y.copy(), x, y, layer, code, grad_layer=grad_layer, grad_x=grad_x)
     assert_close(f"dense {activation} {shape}", {
         "y": (y, y_ref), "grad_x": (grad_x, grad_x_ref),
         "grad_weight": (grad_layer[0] - 1, linear.weight.grad),

@@ -310,3 +310,14 @@ def test_backward_rejects_a_bad_gradient_alike_on_both_backends(backend, grad, m
 def test_backward_before_forward_is_refused_alike_on_both_backends(backend):
     with pytest.raises(RuntimeError, match="^LeNet5.backward called before forward$"):
         LeNet5(seed=0, backend=backend).backward(np.zeros((2, 10), np.float32))
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", list(PARAMETER_SHAPES))
+def test_a_nan_weight_gives_a_nan_loss(backend, name):
+    """Diverged weights always show in the loss, which is what stops a run (the numba kernels,
+    compiled with fastmath, follow no NaN rule of their own; this is what they must still do)."""
+    model = LeNet5(activation="relu", pool="max", seed=0, backend=backend)
+    dict(model.named_parameters())[name].data.reshape(-1)[0] = np.nan
+    images, labels = batch(8, dtype=np.float32)
+    assert np.isnan(softmax_cross_entropy(model.forward(images), labels)[0])
