@@ -749,34 +749,25 @@ def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
     return Workspace(*(np.empty(shape, dtype) for shape in shapes))
 
 
-@kernel
-def _thread(work, t, lo, hi):
-    """What thread t works on: images lo:hi of the per-batch arrays, entry t of the per-thread ones."""
-    return Workspace(work.x[lo:hi], work.conv1[lo:hi], work.pool1[lo:hi], work.conv2[lo:hi],
-                     work.pool2[lo:hi], work.conv3[lo:hi], work.fc1[lo:hi], work.logits[lo:hi],
-                     work.grad_logits[lo:hi], work.grad_fc1[lo:hi], work.grad_conv3[lo:hi],
-                     work.grad_pool2[lo:hi], work.grad_x[lo:hi], work.conv2_weight, work.cols2[t],
-                     work.grad_conv1[t], work.grad_pool1[t], work.grad_conv2[t],
-                     work.grad_conv2_weight[t], work.grads[t])
-
-
 # --------------------------------------------------------------------------------------------
 # The whole network: LeNet5.forward and LeNet5.backward
 # --------------------------------------------------------------------------------------------
 
 @kernel
-def _forward_images(flat_params, codes, work):
-    """:func:`lenet_forward` for one thread's images (``work`` as :func:`_thread` gives it)."""
+def _forward_images(flat_params, codes, work, t, lo, hi):
+    """:func:`lenet_forward` for thread t: images lo:hi of the batch, the thread's own scratch
+    (entry t of each per-thread array of ``work``)."""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
-    n = work.x.shape[0]
-    for start in range(0, n, SUB_BATCH):
-        images = slice(start, min(start + SUB_BATCH, n))
+    for start in range(lo, hi, SUB_BATCH):
+        images = slice(start, min(start + SUB_BATCH, hi))
         conv1_forward(work.x[images], params.conv1, codes, y=work.conv1[images], pooled=work.pool1[images])
-        conv2_forward(work.pool1[images], params.conv2, codes, cols=work.cols2, y=work.conv2[images],
+        conv2_forward(work.pool1[images], params.conv2, codes, cols=work.cols2[t], y=work.conv2[images],
                       pooled=work.pool2[images])
-    dense_forward(work.pool2.reshape(n, -1), params.conv3, codes.activation, y=work.conv3)
-    dense_forward(work.conv3, params.fc1, codes.activation, y=work.fc1)
-    dense_forward(work.fc1, params.fc2, IDENTITY, y=work.logits)
+    mine = slice(lo, hi)
+    pool2 = work.pool2[mine].reshape(hi - lo, -1)            # conv3's input: its one 5x5 window
+    dense_forward(pool2, params.conv3, codes.activation, y=work.conv3[mine])
+    dense_forward(work.conv3[mine], params.fc1, codes.activation, y=work.fc1[mine])
+    dense_forward(work.fc1[mine], params.fc2, IDENTITY, y=work.logits[mine])
 
 
 @kernel(parallel=True)
@@ -789,34 +780,37 @@ def lenet_forward(flat_params, codes, work):
     """
     n_images, threads = work.x.shape[0], work.cols2.shape[0]
     permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
-    for t in prange(threads):
-        lo, hi = t * n_images // threads, (t + 1) * n_images // threads
-        _forward_images(flat_params, codes, _thread(work, t, lo, hi))
+    for thread in prange(threads):
+        t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
+        _forward_images(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads)
 
 
 @kernel
-def _backward_images(flat_params, codes, work, input_grad):
-    """:func:`lenet_backward` for one thread's images (``work`` as :func:`_thread` gives it),
-    ADDING dL/dW into the thread's own ``work.grads``."""
+def _backward_images(flat_params, codes, work, t, lo, hi, input_grad):
+    """:func:`lenet_backward` for thread t: images lo:hi of the batch, the thread's own scratch,
+    ADDING dL/dW into the thread's own gradient ``work.grads[t]``."""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
-    grads = _with_conv2_weight(parameter_views(work.grads), work.grad_conv2_weight)
-    work.grad_conv2_weight[:] = 0
-    activation, n = codes.activation, work.x.shape[0]
-    dense_backward(work.grad_logits, work.fc1, work.logits, params.fc2, IDENTITY,
-                   grad_layer=grads.fc2, grad_x=work.grad_fc1)
-    dense_backward(work.grad_fc1, work.conv3, work.fc1, params.fc1, activation,
-                   grad_layer=grads.fc1, grad_x=work.grad_conv3)
-    dense_backward(work.grad_conv3, work.pool2.reshape(n, -1), work.conv3, params.conv3, activation,
-                   grad_layer=grads.conv3, grad_x=work.grad_pool2.reshape(n, -1))
-    for start in range(0, n, SUB_BATCH):
-        images, count = slice(start, min(start + SUB_BATCH, n)), min(SUB_BATCH, n - start)
+    grads = _with_conv2_weight(parameter_views(work.grads[t]), work.grad_conv2_weight[t])
+    work.grad_conv2_weight[t] = 0
+    activation, mine = codes.activation, slice(lo, hi)
+    dense_backward(work.grad_logits[mine], work.fc1[mine], work.logits[mine], params.fc2, IDENTITY,
+                   grad_layer=grads.fc2, grad_x=work.grad_fc1[mine])
+    dense_backward(work.grad_fc1[mine], work.conv3[mine], work.fc1[mine], params.fc1, activation,
+                   grad_layer=grads.fc1, grad_x=work.grad_conv3[mine])
+    pool2, grad_pool2 = work.pool2[mine].reshape(hi - lo, -1), work.grad_pool2[mine].reshape(hi - lo, -1)
+    dense_backward(work.grad_conv3[mine], pool2, work.conv3[mine], params.conv3, activation,
+                   grad_layer=grads.conv3, grad_x=grad_pool2)                # conv3 on its one window
+    for start in range(lo, hi, SUB_BATCH):
+        images, count = slice(start, min(start + SUB_BATCH, hi)), min(SUB_BATCH, hi - start)
+        grad_pool1 = work.grad_pool1[t, :count]
         conv2_backward(work.grad_pool2[images], work.pool1[images], work.conv2[images], params.conv2,
-                       codes, grad_conv2=grads.conv2, cols=work.cols2, grad_z=work.grad_conv2[:count],
-                       grad_x=work.grad_pool1[:count])
-        conv1_backward(work.grad_pool1[:count], work.x[images], work.conv1[images], params.conv1, codes,
-                       grad_conv1=grads.conv1, grad_z=work.grad_conv1, grad_x=work.grad_x[images],
+                       codes, grad_conv2=grads.conv2, cols=work.cols2[t], grad_z=work.grad_conv2[t, :count],
+                       grad_x=grad_pool1)
+        conv1_backward(grad_pool1, work.x[images], work.conv1[images], params.conv1, codes,
+                       grad_conv1=grads.conv1, grad_z=work.grad_conv1[t], grad_x=work.grad_x[images],
                        input_grad=input_grad)
-    add_unpermuted_conv_weight(work.grad_conv2_weight, KERNEL_AREA, parameter_views(work.grads).conv2[0])
+    conv2_grad_weight = parameter_views(work.grads[t]).conv2[0]          # torch's (c, i, j) order
+    add_unpermuted_conv_weight(work.grad_conv2_weight[t], KERNEL_AREA, conv2_grad_weight)
 
 
 @kernel(parallel=True)
@@ -831,10 +825,11 @@ def lenet_backward(flat_params, flat_grad, codes, work, input_grad):
     n_images, threads = work.x.shape[0], work.cols2.shape[0]
     permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
     thread_grads = work.grads
-    for t in prange(threads):
-        lo, hi = t * n_images // threads, (t + 1) * n_images // threads
+    for thread in prange(threads):
+        t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
         thread_grads[t, :] = 0
-        _backward_images(flat_params, codes, _thread(work, t, lo, hi), input_grad)
+        _backward_images(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads,
+                         input_grad=input_grad)
     # flat_grad += (the threads' sum): one addition into flat_grad per step, as the reference.
     block = 4096
     for b in prange((flat_grad.size + block - 1) // block):
