@@ -113,7 +113,7 @@ class LeNet5:
         before it; its ``.grad`` is the same slice of ``flat_grad``. Each of those Parameters has
         ``owner`` set to this model, so that an optimiser given exactly ``model.parameters()``
         can find these buffers and update them in one loop (see
-        :func:`numpylenet.optim.fused_buffers`). Write into them in place, never rebind them.
+        :func:`numpylenet.optim.find_fused_buffers`). Write into them in place, never rebind them.
         """
         return self.flat_data, self.flat_grad
 

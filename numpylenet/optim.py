@@ -2,10 +2,10 @@
 
 Fused updates: given exactly the parameters of one numba-backend :class:`numpylenet.LeNet5`,
 in order (``Adam(model.parameters())``), an optimiser finds the model's flat buffers through
-:meth:`~numpylenet.LeNet5.flat_buffers` (see :func:`fused_buffers`) and updates all of them in one
-Numba loop (:mod:`numpylenet.engine`) that rounds exactly as the NumPy loop below. For any other
-list - a subset, another order, two models' parameters, a numpy-backend model - it runs the NumPy
-loop. Either way ``state_dict()`` holds one array per parameter and buffer.
+:meth:`~numpylenet.LeNet5.flat_buffers` (see :func:`find_fused_buffers`) and updates all of them
+in one Numba loop (:mod:`numpylenet.engine`) that rounds exactly as the NumPy loop below. For any
+other list - a subset, another order, two models' parameters, a numpy-backend model - it runs the
+NumPy loop. Either way ``state_dict()`` holds one array per parameter and buffer.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from .layers import Parameter
 
-__all__ = ["Optimizer", "Adam", "SGD", "AdamStep", "SGDSettings", "fused_buffers", "state_key",
+__all__ = ["Optimizer", "Adam", "SGD", "AdamStep", "SGDSettings", "find_fused_buffers", "state_key",
            "parse_state_key"]
 
 
@@ -40,7 +40,7 @@ def parse_state_key(key: str, buffer_names: Sequence[str], num_params: int) -> t
     return buffer, int(index)
 
 
-def fused_buffers(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndarray] | None:
+def find_fused_buffers(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndarray] | None:
     """``model.flat_buffers()`` if ``params`` are exactly ``model.parameters()`` - the same
     Parameter objects, all of them, in order, still views of those buffers - for a
     numba-backend LeNet5 ``model``; else None.
@@ -82,7 +82,7 @@ class Optimizer:
         for name in self.buffer_names:
             setattr(self, name, [None] * len(self.params))
         # A numba-backend model's parameters tile one flat buffer: then step() is one fused loop.
-        self.fused_buffers = fused_buffers(self.params)
+        self.fused_buffers = find_fused_buffers(self.params)
         self._flat_states: dict[str, np.ndarray] = {}
 
     def zero_grad(self) -> None:
@@ -177,7 +177,7 @@ class Adam(Optimizer):
     correction gives a visibly different trajectory in the first steps.
 
     Numba counterpart: ``kernels.adam_step``, the same lines over a whole flat buffer (used when
-    the parameters are exactly one numba model's, see :func:`fused_buffers`).
+    the parameters are exactly one numba model's, see :func:`find_fused_buffers`).
     """
 
     buffer_names = ("exp_avg", "exp_avg_sq")
@@ -239,7 +239,7 @@ class SGD(Optimizer):
         p = p - lr * g
 
     Numba counterpart: ``kernels.sgd_step``, the same lines over a whole flat buffer (used when
-    the parameters are exactly one numba model's, see :func:`fused_buffers`).
+    the parameters are exactly one numba model's, see :func:`find_fused_buffers`).
     """
 
     buffer_names = ("momentum_buffer",)
