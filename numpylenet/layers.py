@@ -148,17 +148,24 @@ def im2col(x: np.ndarray, kernel: Pair, stride: Pair = (1, 1), padding: Pair = (
     cols : ndarray, shape (C * kh * kw, N * OH * OW), never a view of ``x``,
         with OH = (H + 2 ph - kh) // sh + 1 and OW = (W + 2 pw - kw) // sw + 1.
     """
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    n, c = x.shape[:2]
+    ph, pw = padding
     padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+    cols = _unfold(padded, kernel, stride)
+    # When no window overlaps another (a 1x1 kernel, a kernel covering the input) the reshape in
+    # _unfold can leave cols a view of x; Conv2d keeps cols for backward, so they must not change
+    # with x. Then they are unfolded from a copy of x (the same strides, so BLAS rounds the same).
+    return _unfold(x.copy(), kernel, stride) if np.may_share_memory(cols, x) else cols
+
+
+def _unfold(padded: np.ndarray, kernel: Pair, stride: Pair) -> np.ndarray:
+    """:func:`im2col` of an already padded batch; the result may be a view of ``padded``."""
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c = padded.shape[:2]
     # windows[n, c, oh, ow, i, j] = padded[n, c, oh * sh + i, ow * sw + j]: a strided view, no copy.
     windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
     oh, ow = windows.shape[2:4]
     # Reorder to (c, i, j, n, oh, ow) so the reshape yields rows (c, i, j) and columns (n, oh, ow).
-    cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * oh * ow)
-    # When no window overlaps another (a 1x1 kernel, a kernel covering the input) that reshape
-    # can stay a view of x; Conv2d keeps cols for backward, so they must not change with x.
-    return cols.copy() if np.may_share_memory(cols, x) else cols
+    return windows.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * oh * ow)
 
 
 def col2im(cols: np.ndarray, input_shape: tuple[int, int, int, int], kernel: Pair,
