@@ -192,9 +192,12 @@ def describe_path(path: str | os.PathLike) -> tuple[bool, str]:
         if error.errno == errno.ELOOP:
             return True, "is a symbolic link loop"
         if error.errno == errno.ENOTDIR:
-            blocker = next((parent for parent in path.parents if parent.is_file()), None)
-            return False, (f"cannot be reached: {blocker} is a file, not a folder" if blocker
-                           else "cannot be reached: part of its path is not a folder")
+            blocker = next((parent for parent in path.parents
+                            if parent.exists() and not parent.is_dir()), None)
+            if blocker is None:
+                return False, "cannot be reached: part of its path is not a folder"
+            what = describe_path(blocker)[1].removeprefix("is ").replace("a regular file", "a file")
+            return False, f"cannot be reached: {blocker} is {what}, not a folder"
         return True, f"cannot be examined ({error.strerror})"
     return True, "is a regular file" if stat.S_ISREG(mode) else f"is {_kind(mode)}"
 

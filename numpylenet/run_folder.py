@@ -105,8 +105,12 @@ def _lock(folder: Path) -> int:
         os.close(handle)
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv}
-    os.ftruncate(handle, 0)
-    os.write(handle, json.dumps(holder).encode())
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, json.dumps(holder).encode())
+    except OSError as error:
+        _release(folder, handle)
+        raise RunError(f"cannot write to the run folder {folder}: {error.strerror}") from None
     return handle
 
 
