@@ -149,7 +149,12 @@ def _is_int(value) -> bool:
 
 
 def _is_finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:   # an integer beyond float's range (JSON integers have no bound)
+        return False
 
 
 def _is_non_negative(value) -> bool:
@@ -256,7 +261,7 @@ def load_checkpoint(path: str | os.PathLike, *, training_state: bool = True) -> 
         raise CheckpointError(f"checkpoint {path} is corrupt: its text entries are not strings")
     try:
         parts = {name: json.loads(str(arrays[name])) for name in JSON_ENTRIES if name in arrays}
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:   # RecursionError: nested too deep
         raise CheckpointError(f"checkpoint {path} is corrupt: bad JSON ({error})") from None
     model = {name[len("model/"):]: value for name, value in arrays.items() if name.startswith("model/")}
     optimizer = {name[len("optimizer/"):]: value for name, value in arrays.items()

@@ -171,7 +171,10 @@ def _typed(name: str, value):
     if not ok:
         raise ValueError(f"{name} must be {_KINDS[kind]}{' or null' if nullable else ''}, got {value!r}")
     if kind == "float":
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:   # an integer beyond float's range
+            value = math.inf
         if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     return value

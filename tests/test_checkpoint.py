@@ -38,8 +38,8 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
     max_leaves=6)
 # What a careless edit or a damaged file puts in a field (the list among them), and anything.
-VALUES = st.sampled_from(["3", "x", "", "abc", None, True, False, 1.5, 2.5, -3, 0, 10**9, [1, 2, 3], [],
-                          {}, math.nan, math.inf, -math.inf]) | JSON_VALUES
+VALUES = st.sampled_from(["3", "x", "", "abc", None, True, False, 1.5, 2.5, -3, 0, 10**9, 10**400,
+                          [1, 2, 3], [], {}, math.nan, math.inf, -math.inf]) | JSON_VALUES
 MODEL = {"conv1.bias": np.zeros(6, np.float32)}
 OPTIMIZER = {"step": np.array(3, np.int64), "exp_avg.1": np.zeros(6, np.float32)}
 
