@@ -15,6 +15,20 @@ from numpylenet.compare import (GRADCHECK_TOLERANCE, TOLERANCE, assert_close, as
                                 numerical_gradient, relative_error, torch_dtype)
 
 
+# Python source that makes ``import torch`` fail as it would were torch not installed: run it first
+# (in a subprocess, or a notebook's first cell) to test what works without torch.
+BLOCK_TORCH = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
 def check_layer(make_ours, make_torch, input_shape, dtype="float64", **options) -> None:
     """Assert :func:`numpylenet.compare.layer_vs_torch` (same arguments)."""
     assert_ok(layer_vs_torch(make_ours, make_torch, input_shape, dtype, **options))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import BLOCK_TORCH
 from numpylenet import check, layers
 from numpylenet.backend import numba_unavailable_reason
 
@@ -22,14 +23,9 @@ ROW = re.compile(r"^(?P<what>.+?)\s+(?P<against>torch float64|torch float32|fini
                  r"(?P<shape>\(.*?\))\s+\S+\s+\S+\s+\S+\s+(?P<verdict>OK|NOT OK)$")
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 BACKENDS = ["numpy"] + (["numba"] if numba_unavailable_reason() is None else [])
-# A stand-in for torch's absence: the import fails as it would were torch not installed.
-WITHOUT_TORCH = """
-import runpy, sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r}")
-sys.meta_path.insert(0, NoTorch())
+# python -m numpylenet.check where torch cannot be imported; it must not import torch either.
+WITHOUT_TORCH = BLOCK_TORCH + """
+import runpy
 sys.argv = ["numpylenet.check", *sys.argv[1:]]
 try:
     runpy.run_module("numpylenet.check", run_name="__main__")
