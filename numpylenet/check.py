@@ -216,7 +216,7 @@ def run_check(check: Check) -> list:
 def prepare_numba(dtypes: Sequence[str]) -> None:
     """Compile the numba kernels (or load them from Numba's disk cache), saying so if that is slow."""
     notice = threading.Timer(COMPILE_NOTICE_AFTER, lambda: print(
-        "numba: compiling the kernels, which are not in Numba's cache yet (once, about a minute) ...",
+        "numba: compiling the kernels, which are not in Numba's cache yet (once: a minute or two) ...",
         flush=True))
     started = time.perf_counter()
     notice.start()

@@ -117,10 +117,12 @@ def compare(label: str, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], tole
     rows = []
     for name, (ours, reference) in pairs.items():
         ours, reference = np.asarray(ours), np.asarray(reference)
-        same_shape = ours.shape == reference.shape
-        absolute = float(np.max(np.abs(ours.astype(np.float64) - reference))) if same_shape and ours.size else 0.0
-        shape = str(ours.shape) if same_shape else f"{ours.shape} vs {reference.shape}"
-        rows.append(Comparison(f"{label} {name}".strip(), against, shape, absolute if same_shape else math.inf,
+        if ours.shape == reference.shape:
+            absolute = float(np.max(np.abs(ours.astype(np.float64) - reference))) if ours.size else 0.0
+            shape = str(ours.shape)
+        else:
+            absolute, shape = math.inf, f"{ours.shape} vs {reference.shape}"
+        rows.append(Comparison(f"{label} {name}".strip(), against, shape, absolute,
                                relative_error(ours, reference), tolerance))
     return rows
 
