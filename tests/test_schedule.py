@@ -35,7 +35,7 @@ def check_one_cycle(total: int) -> None:
 
 def test_one_cycle_matches_torch_from_five_steps_on():
     torch = pytest.importorskip("torch")
-    for total in range(5, 301, 3):
+    for total in [*range(5, 21), *range(21, 301, 23)]:   # every short run, a sample of the longer
         param = torch.nn.Parameter(torch.zeros(1))
         optimizer = torch.optim.Adam([param], lr=1.0)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
