@@ -91,13 +91,7 @@ def test_the_graph_sees_imports_at_module_level_and_inside_functions():
     assert len(MODULES) >= 20
 
 
-# The evaluate -> train -> evaluate cycle is being removed on branch cli (shared CLI module).
-CLI_CYCLE = pytest.mark.xfail(reason="fixed on branch cli", strict=True)
-
-
-@pytest.mark.parametrize("module", [pytest.param(name, marks=CLI_CYCLE)
-                                    if name in ("numpylenet.evaluate", "numpylenet.train") else name
-                                    for name in MODULES])
+@pytest.mark.parametrize("module", list(MODULES))
 def test_module_is_on_no_import_cycle(module):
     cycle = cycle_through(module)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
