@@ -8,7 +8,8 @@ loop on the very same batches (:mod:`numpylenet.pipeline`).
 One optimiser step at global step ``t`` (0-based, counting over all epochs)::
 
     lr     = schedule(t, total_steps, peak_lr)
-    loss   = cross_entropy(model(x), y)            mean over the batch
+    loss   = cross_entropy(model(x), y)            mean over the batch (label-smoothed if the
+                                                   config says so)
     grads  = d loss / d parameters                 backward pass
     params = optimiser update(params, grads, lr)
 """
@@ -87,6 +88,7 @@ class NumpyLearner:
             started = time.perf_counter()
             NumbaLeNet5.compile(self.model.dtype)
             self.compile_seconds = time.perf_counter() - started
+        self.label_smoothing = config.label_smoothing
         if config.optimizer == "adam":
             self.optimizer = Adam(self.model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
@@ -97,7 +99,8 @@ class NumpyLearner:
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         self.optimizer.lr = lr
         self.model.zero_grad()
-        loss, grad_logits = softmax_cross_entropy(self.model.forward(x), y)
+        loss, grad_logits = softmax_cross_entropy(self.model.forward(x), y,
+                                                  label_smoothing=self.label_smoothing)
         self.model.backward(grad_logits, input_grad=False)   # training never needs dL/dx
         self.optimizer.step()
         return loss
@@ -128,7 +131,8 @@ class Progress:
     epoch_loss_sum, epoch_images : sum of (batch loss x batch size) and images seen so far this epoch
     step_losses : the loss of every step so far this epoch (for the loss trace of its record)
     best_valid_loss, best_epoch : the lowest validation loss so far and its epoch (1-based; 0: none)
-    seconds : wall-clock seconds spent training (and validating), summed over sessions
+    seconds : wall-clock seconds spent training, validating and writing the checkpoints between
+        epochs, summed over sessions (summary.json's ``train_seconds``)
     dataset : the data set the run trains on (what "auto" resolved to)
     """
 
@@ -262,9 +266,12 @@ def train(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Pat
         if improved:
             progress.best_valid_loss, progress.best_epoch = valid.loss, epoch + 1
         checkpoint = make_checkpoint(learner, config, progress, history)
+        saving = time.perf_counter()
         if improved:
             save_checkpoint(folder / "best.npz", checkpoint)
         save_checkpoint(folder / "last.npz", checkpoint)
+        # The time spent saving counts as training time too (only the saved copy lacks it).
+        progress.seconds += time.perf_counter() - saving
         on_epoch(record)
         if stop.requested:
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1}")

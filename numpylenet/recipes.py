@@ -30,7 +30,7 @@ __all__ = ["TrainConfig", "RECIPES", "make_config", "DATASET_CHOICES", "BACKENDS
 DATASET_CHOICES = ("auto", "mnist", "fashion-mnist", "mnist-sample")
 BACKENDS = ("numpy", "numba")
 OPTIMIZERS = ("adam", "sgd")
-AUGMENTATIONS = ("crop-flip", "shift")
+AUGMENTATIONS = ("crop-flip", "shift", "affine")
 EVAL_CROPS = ("center", "random")
 DTYPES = ("float32", "float64")
 
@@ -47,8 +47,10 @@ class TrainConfig:
     download : fetch missing data files from torchvision's mirrors
     valid_size : fraction of the training set held out for validation (the notebook's split)
     augment : augment training images (the kind is ``augmentation``)
-    augmentation : "crop-flip" (the notebook's RandomCrop(32, padding=4) + RandomHorizontalFlip)
-        or "shift" (the same crop alone: shifts of up to 2 pixels)
+    augmentation : "crop-flip" (the notebook's RandomCrop(32, padding=4) + RandomHorizontalFlip),
+        "shift" (the same crop alone: shifts of up to 2 pixels) or "affine" (the image centred in
+        32 x 32, then a random rotation, zoom, shear and shift: ``transforms.v2.RandomAffine``
+        with the four ``affine_*`` ranges, bilinear; see :mod:`numpylenet.augment`)
     eval_crop : "center" (zero-pad 28 -> 32) or "random" (the notebook's random crop, also applied
         to validation and test images)
     normalize : subtract the training set's mean pixel and divide by its standard deviation
@@ -60,6 +62,14 @@ class TrainConfig:
     seed : seeds initialisation, batch order and augmentation (the split always uses the
         notebook's seed 0, so every run validates on the same images)
     limit_train : train on only the first N training images (for quick tests), or None for all
+    label_smoothing : eps of ``nn.CrossEntropyLoss(label_smoothing=eps)`` for the training loss
+        (validation and test losses are plain cross-entropy)
+    affine_degrees, affine_translate, affine_scale, affine_shear : the ranges of the "affine"
+        augmentation: rotation in [-degrees, degrees], shift up to ``translate`` x the image size,
+        zoom in [1 - scale, 1 + scale], x-shear in [-shear, shear] degrees
+
+    The fields from ``label_smoothing`` on were added after the first release; their defaults
+    are the behaviour before them, so older ``config.json`` files and checkpoints still load.
     """
 
     recipe: str
@@ -85,6 +95,11 @@ class TrainConfig:
     weight_decay: float
     seed: int
     limit_train: int | None
+    label_smoothing: float = 0.0
+    affine_degrees: float = 0.0
+    affine_translate: float = 0.0
+    affine_scale: float = 0.0
+    affine_shear: float = 0.0
 
 
 # Settings that do not belong to a recipe: where the data is and how the machine runs.
@@ -95,11 +110,18 @@ RECIPES: dict[str, dict] = {
     "seed": dict(valid_size=0.1, augment=True, augmentation="crop-flip", eval_crop="random",
                  normalize=False, activation="relu", pool="avg", dtype="float32", epochs=1,
                  batch_size=32, optimizer="adam", lr=1e-4, schedule="constant", momentum=0.9,
-                 weight_decay=0.0),
-    "default": dict(valid_size=0.1, augment=True, augmentation="shift", eval_crop="center",
-                    normalize=True, activation="relu", pool="avg", dtype="float32", epochs=15,
+                 weight_decay=0.0, label_smoothing=0.0, affine_degrees=0.0, affine_translate=0.0,
+                 affine_scale=0.0, affine_shear=0.0),
+    "default": dict(valid_size=0.1, augment=True, augmentation="affine", eval_crop="center",
+                    normalize=True, activation="relu", pool="avg", dtype="float32", epochs=20,
                     batch_size=64, optimizer="adam", lr=3e-3, schedule="one-cycle", momentum=0.9,
-                    weight_decay=0.0),
+                    weight_decay=0.0, label_smoothing=0.1, affine_degrees=10.0,
+                    affine_translate=0.1, affine_scale=0.1, affine_shear=10.0),
+    "speedrun": dict(valid_size=0.1, augment=False, augmentation="shift", eval_crop="center",
+                     normalize=True, activation="relu", pool="avg", dtype="float32", epochs=2,
+                     batch_size=32, optimizer="adam", lr=3e-3, schedule="one-cycle", momentum=0.9,
+                     weight_decay=0.0, label_smoothing=0.1, affine_degrees=0.0,
+                     affine_translate=0.0, affine_scale=0.0, affine_shear=0.0),
 }
 
 
@@ -120,9 +142,11 @@ def make_config(recipe: str = "default", base: dict | None = None, **overrides) 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     settings = dict(base) if base is not None else {**RUN_DEFAULTS, **RECIPES[recipe], "recipe": recipe}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = dataclasses.fields(TrainConfig)
+    names = {f.name for f in fields}
+    required = {f.name for f in fields if f.default is dataclasses.MISSING}
     unknown = sorted((settings.keys() | overrides.keys()) - names)
-    missing = sorted(names - settings.keys())
+    missing = sorted(required - settings.keys())
     if unknown or missing:
         raise ValueError(f"settings do not fit TrainConfig: unknown {unknown}, missing {missing}")
     settings.update({name: value for name, value in overrides.items() if value is not None})
@@ -149,7 +173,12 @@ def _check(config: TrainConfig) -> None:
              "valid_size": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
              "seed": (lambda v: v >= 0, ">= 0"),
              "threads": (lambda v: v is None or v >= 1, ">= 1"),
-             "limit_train": (lambda v: v is None or v >= 1, ">= 1")}
+             "limit_train": (lambda v: v is None or v >= 1, ">= 1"),
+             "label_smoothing": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+             "affine_degrees": (lambda v: 0 <= v <= 180, "in [0, 180]"),
+             "affine_translate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+             "affine_scale": (lambda v: 0 <= v < 1, "in [0, 1)"),
+             "affine_shear": (lambda v: 0 <= v < 90, "in [0, 90)")}
     for name, (ok, requirement) in rules.items():
         if not ok(getattr(config, name)):
             raise ValueError(f"{name} must be {requirement}, got {getattr(config, name)!r}")

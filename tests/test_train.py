@@ -7,6 +7,7 @@ resume, and the files' own contents (PNG signatures, JSON that parses, npz reada
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -22,7 +23,8 @@ import pytest
 from numpylenet.checkpoint import load_checkpoint
 from numpylenet.evaluate import main as evaluate_main
 from numpylenet.loop import NumpyLearner
-from numpylenet.recipes import TrainConfig
+from numpylenet.data import write_idx
+from numpylenet.recipes import RECIPES, TrainConfig, make_config
 from numpylenet.train import FIGURES, main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,6 +110,57 @@ def test_checkpoints_load_without_pickle_and_hold_the_state(run):
         progress = json.loads(str(checkpoint["progress"]))
         assert progress["step"] == 0 and progress["dataset"] == "mnist-sample"
     assert json.loads(str(arrays(run / "last.npz")["progress"]))["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- the recipes
+
+def fashion_mnist_root(root: Path) -> Path:
+    """Synthetic files in Fashion-MNIST's format and layout (the real ones are not on this machine):
+    random 28x28 images whose class decides a bright square's position, so there is something
+    to learn."""
+    rng = np.random.default_rng(0)
+    (root / "FashionMNIST" / "raw").mkdir(parents=True)
+    for split, count in (("train", 600), ("t10k", 200)):
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        images = rng.integers(0, 60, (count, 28, 28)).astype(np.uint8)
+        for image, label in zip(images, labels):
+            row, column = divmod(int(label), 5)
+            image[4 + 10 * row: 12 + 10 * row, 2 + 5 * column: 6 + 5 * column] = 255
+        write_idx(root / "FashionMNIST" / "raw" / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / "FashionMNIST" / "raw" / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.mark.parametrize("recipe", ["speedrun", "default"])
+@pytest.mark.parametrize("dataset", ["mnist-sample", "fashion-mnist"])
+def test_recipe_runs_unchanged_on_each_dataset(capsys, tmp_path, recipe, dataset):
+    """A tiny run of each recipe (CI keeps them alive); on Fashion-MNIST with no flag but --dataset."""
+    flags = ["--recipe", recipe, "--dataset", dataset, "--limit-train", "256", "--epochs", "2",
+             "--no-download", "--out", tmp_path / "run"]
+    if dataset == "fashion-mnist":
+        flags += ["--data-dir", fashion_mnist_root(tmp_path / "data")]
+    code, out, _ = train(capsys, *flags)
+    assert code == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {name: config[name] for name in RECIPES[recipe] if name != "epochs"} == \
+        {name: value for name, value in RECIPES[recipe].items() if name != "epochs"}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dataset"] == dataset and summary["recipe"] == recipe
+    assert 0 < summary["train_seconds"] < summary["seconds_this_session"]
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < math.log(10) and summary["test_accuracy"] > 0.15
+
+
+def test_configs_saved_before_the_new_settings_still_load():
+    """A config.json from before label smoothing and the affine ranges existed lacks those keys:
+    it loads, and they take the values that reproduce the old behaviour."""
+    old = {name: value for name, value in dataclasses.asdict(make_config("default")).items()
+           if name not in NEW_SETTINGS}
+    config = make_config("default", base=old)
+    assert all(getattr(config, name) == 0.0 for name in NEW_SETTINGS)
+
+
+NEW_SETTINGS = ("label_smoothing", "affine_degrees", "affine_translate", "affine_scale", "affine_shear")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -336,12 +389,13 @@ def test_one_cycle_schedule_matches_torch():
 
 
 @needs_torch
-def test_reference_train_follows_the_same_trajectory(capsys, tmp_path):
-    """Same batches, same initial weights, torch-exact optimiser: in float64 the NumPy and the torch
-    runs end at the same weights to round-off."""
+@pytest.mark.parametrize("recipe", ["default", "speedrun", "seed"])
+def test_reference_train_follows_the_same_trajectory(capsys, tmp_path, recipe):
+    """Same batches, same initial weights, torch-exact optimiser and loss (label smoothing
+    included): in float64 the NumPy and the torch runs end at the same weights to round-off."""
     from reference.train import main as reference_main
 
-    flags = [*TINY, "--epochs", "1", "--dtype", "float64", "--backend", "numpy"]
+    flags = ["--recipe", recipe, *TINY, "--epochs", "1", "--dtype", "float64", "--backend", "numpy"]
     assert train(capsys, *flags, "--out", tmp_path / "ours")[0] == 0
     assert reference_main([*flags, "--out", str(tmp_path / "torch")]) == 0
     ours, theirs = arrays(tmp_path / "ours" / "last.npz"), arrays(tmp_path / "torch" / "last.npz")
