@@ -94,7 +94,7 @@ class NumpyLearner:
                                   weight_decay=config.weight_decay)
         else:
             self.optimizer = SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         self.optimizer.lr = lr

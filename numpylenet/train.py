@@ -145,6 +145,9 @@ def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErr
                               help="torch.optim-exact Adam or SGD [default: adam]")
     optimisation.add_argument("--momentum", type=non_negative_float, default=None,
                               help="SGD momentum (only with --optimizer sgd) [default: 0.9]")
+    optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                              help=f"Nesterov momentum (only with --optimizer sgd) "
+                                   f"({recipe_values('nesterov')})")
     optimisation.add_argument("--weight-decay", type=non_negative_float, default=None, metavar="WD",
                               help="L2 penalty added to the gradient, as torch.optim [default: 0]")
     optimisation.add_argument("--label-smoothing", type=non_negative_float, default=None, metavar="EPS",
@@ -164,7 +167,7 @@ def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErr
 SETTING_FLAGS = ("dataset", "data_dir", "download", "valid_size", "augment", "limit_train",
                  "activation", "pool", "dtype", "backend", "threads", "epochs", "batch_size", "lr",
                  "optimizer", "momentum", "weight_decay", "seed", "augmentation", "affine_degrees",
-                 "affine_translate", "affine_scale", "affine_shear", "label_smoothing")
+                 "affine_translate", "affine_scale", "affine_shear", "label_smoothing", "nesterov")
 
 
 def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> TrainConfig:
@@ -192,6 +195,8 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> Train
         config = make_config(saved.get("recipe", "default"), base=saved, **given)
     if args.momentum is not None and config.optimizer != "sgd":
         raise ValueError("--momentum applies only to --optimizer sgd (Adam's momentum is its beta1)")
+    if args.nesterov is not None and config.optimizer != "sgd":
+        raise ValueError("--nesterov applies only to --optimizer sgd")
     return config
 
 

@@ -63,7 +63,7 @@ class TorchLearner:
             self.optimizer = torch.optim.Adam(self.params, lr=config.lr, weight_decay=config.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
-                                             weight_decay=config.weight_decay)
+                                             weight_decay=config.weight_decay, nesterov=config.nesterov)
         self.label_smoothing = config.label_smoothing
         self.steps = 0
 
