@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     return common.publish(args, NAME, {
         "dataset": dataset, "train_images": len(images), "batch_size": BATCH_SIZE,
         "transform": "random_crop(32, padding=4) + random_horizontal_flip(0.5) + to_float",
+        "default_recipe_transform": "pad_to(32) + to_float + random_affine (default recipe's ranges) "
+                                    "+ normalize: numpylenet.pipeline.transform",
         "reference": reference, "unit": "seconds per epoch (median, extrapolated where timed on part)",
         "rows": rows, "markdown": table})
 
