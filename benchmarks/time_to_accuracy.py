@@ -119,7 +119,8 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
             if global_step + 1 in measure_at and global_step + 1 < total_steps:
                 measure(global_step + 1)
         evaluate(learner, evaluation_batches(splits.valid_images, splits.valid_labels, config,
-                                             splits.dataset, rng=generator(config.seed, Stream.VALID, epoch)))
+                                             splits.dataset, rng=generator(config.seed, Stream.VALID, epoch)),
+                 label_smoothing=config.label_smoothing)
     measure(total_steps)
     clock.pause()
     return {"contender": contender, "recipe": config.recipe, "seed": config.seed,

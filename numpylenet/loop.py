@@ -169,12 +169,14 @@ class Evaluation:
     predictions: np.ndarray
 
 
-def evaluate(learner: Learner, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Evaluation:
-    """Loss and accuracy of ``learner`` over ``batches`` of (x, y), as means over images."""
+def evaluate(learner: Learner, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
+             label_smoothing: float = 0.0) -> Evaluation:
+    """Loss and accuracy of ``learner`` over ``batches`` of (x, y), as means over images; the loss
+    is cross-entropy, label-smoothed by ``label_smoothing`` (see :func:`softmax_cross_entropy`)."""
     loss_sum, predictions, labels = 0.0, [], []
     for x, y in batches:
         logits = learner.logits(x)
-        loss_sum += softmax_cross_entropy(logits, y)[0] * len(y)
+        loss_sum += softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)[0] * len(y)
         predictions.append(logits.argmax(axis=1))
         labels.append(y)
     predictions, labels = np.concatenate(predictions), np.concatenate(labels)
@@ -229,7 +231,8 @@ def train(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Pat
     """Run epochs ``progress.epoch .. config.epochs - 1``, resuming mid-epoch at ``progress.step``.
 
     After each epoch: validate, append the epoch's record to ``history`` (and pass it to
-    ``on_epoch``), write ``best.npz`` when the validation loss improved and ``last.npz`` always.
+    ``on_epoch``), write ``best.npz`` when the validation loss (the training loss, label smoothing
+    included, on the validation images) improved and ``last.npz`` always.
     ``progress`` and ``history`` are updated in place.
 
     Raises
@@ -246,9 +249,13 @@ def train(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Pat
         images_before = progress.epoch_images
         train_epoch(learner, config, splits, folder, progress, history, stop)
         train_seconds = time.perf_counter() - started
+        # The validation loss is the training objective (label-smoothed when the recipe smooths).
+        # Plain cross-entropy stops tracking accuracy once smoothing caps the model's confidence:
+        # in a default-recipe run it was lowest at epoch 7 of 20 (99.05% valid accuracy; 99.50%
+        # at the end), and selecting that epoch cost half a point of test accuracy.
         valid = evaluate(learner, evaluation_batches(
             splits.valid_images, splits.valid_labels, config, splits.dataset,
-            rng=generator(config.seed, Stream.VALID, epoch)))
+            rng=generator(config.seed, Stream.VALID, epoch)), label_smoothing=config.label_smoothing)
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": progress.epoch_loss_sum / progress.epoch_images,
                   "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,

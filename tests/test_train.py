@@ -408,3 +408,33 @@ def test_reference_train_follows_the_same_trajectory(capsys, tmp_path, recipe):
     for name in (k for k in ours if k.startswith(("model/", "optimizer/"))):
         scale = max(np.abs(theirs[name]).max(), 1e-30)
         assert np.abs(ours[name] - theirs[name]).max() / scale < 1e-9, name
+
+
+@needs_torch
+def test_validation_loss_is_the_label_smoothed_objective(capsys, tmp_path):
+    """With label smoothing the model is selected on the training objective: each epoch's
+    valid_loss equals torch's CrossEntropyLoss(label_smoothing=0.1) of that epoch's weights on the
+    validation images, prepared by torchvision (Pad(2), ToTensor, Normalize)."""
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from numpylenet.data import load_mnist, split_train_valid
+    from reference.lenet import LeNet
+
+    flags = ["--recipe", "speedrun", "--dataset", "mnist-sample", "--limit-train", "512", "--epochs", "1",
+             "--no-download", "--out", tmp_path]
+    assert train(capsys, *flags)[0] == 0
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    images, labels = load_mnist(dataset="mnist-sample")
+    _, valid = split_train_valid(len(images), 0.1, seed=0)
+    prepare = T.Compose([T.Pad(2), T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
+    x = torch.stack([prepare(Image.fromarray(image)) for image in images[valid]])
+    model = LeNet()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in load_checkpoint(tmp_path / "last.npz").model.items()})
+    with torch.no_grad():
+        logits = model(x)
+    smoothed = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, torch.from_numpy(labels[valid])).item()
+    plain = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels[valid])).item()
+    assert history[-1]["valid_loss"] == pytest.approx(smoothed, rel=1e-4)
+    assert abs(smoothed - plain) > 1e-2     # the two really differ, so the check can tell them apart
