@@ -7,15 +7,16 @@ and resamples the whole batch at once, with no per-image Python loop.
 The geometry is torchvision's, exactly: :func:`affine` equals
 ``torchvision.transforms.v2.functional.affine(image, angle, translate, scale, shear,
 interpolation=InterpolationMode.BILINEAR, fill=None, center=None)`` on a float image, image by
-image, and :func:`random_affine_parameters` draws what ``transforms.v2.RandomAffine`` draws.
+image, and :func:`random_affine_parameters` draws from the distributions ``transforms.v2.RandomAffine``
+draws from (with NumPy's generator instead of torch's).
 
 The transform, about the image centre
 -------------------------------------
 Pixel (row i, column j) of an H x W image sits at ``x = j - (W - 1)/2, y = i - (H - 1)/2`` in
-centred coordinates. The forward map rotates by ``angle`` (clockwise on screen), shears by ``shear`` (x and y, in
-degrees), scales by ``scale`` and then translates by ``(tx, ty)`` pixels. Resampling needs the
-inverse: output pixel p shows the input at ``M^-1 p``. With r = angle, sx, sy the shears in
-radians (torchvision's ``_get_inverse_affine_matrix``, centre at 0)::
+centred coordinates. The forward map rotates by ``angle`` (clockwise on screen), shears by
+``shear`` (x and y, in degrees), scales by ``scale`` and then translates by ``(tx, ty)`` pixels.
+Resampling needs the inverse: output pixel p shows the input at ``M^-1 p``. With r = angle, sx, sy
+the shears in radians (torchvision's ``_get_inverse_affine_matrix``, centre at 0)::
 
     a = cos(r - sy) / cos(sy)            b = -(a tan(sx) + sin(r))
     c = sin(r - sy) / cos(sy)            d = cos(r) - c tan(sx)
@@ -120,7 +121,7 @@ def affine_matrices(angles: np.ndarray, translations: np.ndarray, scales: np.nda
 
 def random_affine_parameters(count: int, size: tuple[int, int], ranges: AffineRanges,
                              rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One random transform per image, drawn as ``transforms.v2.RandomAffine`` draws them.
+    """One random transform per image, from the distributions ``transforms.v2.RandomAffine`` uses.
 
     Returns
     -------
@@ -200,10 +201,11 @@ def warp_bilinear(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     except ImportError:
         return warp_bilinear_numpy(images, matrices)
     count, height, width = images.shape
-    # Fold the centring and the frame's offset of 1 into the maps: pixel (j, i) -> frame position.
+    # Fold the centring c and the kernel's frame offset of 1 into the maps, so that they take
+    # pixel indices p = (j, i) straight to frame positions: M^-1 (p - c) + c + 1.
+    centre = np.array([(width - 1) / 2, (height - 1) / 2])
     maps = matrices.copy()
-    maps[:, 0, 2] += (width - 1) / 2 + 1 - matrices[:, 0, 0] * (width - 1) / 2 - matrices[:, 0, 1] * (height - 1) / 2
-    maps[:, 1, 2] += (height - 1) / 2 + 1 - matrices[:, 1, 0] * (width - 1) / 2 - matrices[:, 1, 1] * (height - 1) / 2
+    maps[:, :, 2] += centre + 1 - matrices[:, :, :2] @ centre
     out = np.empty_like(images)
     warp_bilinear_kernel(np.ascontiguousarray(images), maps.astype(images.dtype),
                          np.array([0, 1, width + 1, height + 1], images.dtype), out)

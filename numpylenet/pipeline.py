@@ -26,8 +26,8 @@ import numpy as np
 from . import augment, data
 from .recipes import TrainConfig
 
-__all__ = ["Stream", "generator", "DataSplits", "load_dataset", "load_splits", "transform", "affine_ranges", "training_batches",
-           "evaluation_batches", "num_batches", "EVAL_BATCH_SIZE", "SPLIT_SEED"]
+__all__ = ["Stream", "generator", "DataSplits", "load_dataset", "load_splits", "transform", "affine_ranges",
+           "training_batches", "evaluation_batches", "num_batches", "EVAL_BATCH_SIZE", "SPLIT_SEED"]
 
 EVAL_BATCH_SIZE = 1000
 SPLIT_SEED = 0          # the notebook's split_train_valid_data(random_seed=0)

@@ -67,8 +67,8 @@ class TrainConfig:
     seed : seeds initialisation, batch order and augmentation (the split always uses the
         notebook's seed 0, so every run validates on the same images)
     limit_train : train on only the first N training images (for quick tests), or None for all
-    label_smoothing : eps of ``nn.CrossEntropyLoss(label_smoothing=eps)`` for the training loss
-        (validation and test losses are plain cross-entropy)
+    label_smoothing : eps of ``nn.CrossEntropyLoss(label_smoothing=eps)``, for the training loss and
+        the validation loss that picks the best epoch (the test loss stays plain cross-entropy)
     affine_degrees, affine_translate, affine_scale, affine_shear : the ranges of the "affine"
         augmentation: rotation in [-degrees, degrees], shift up to ``translate`` x the image size,
         zoom in [1 - scale, 1 + scale], x-shear in [-shear, shear] degrees

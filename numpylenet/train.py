@@ -109,7 +109,8 @@ def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErr
     data.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                       help="download missing data files from torchvision's mirrors [default: yes]")
     data.add_argument("--valid-size", type=open_fraction, default=None, metavar="F",
-                      help=f"fraction of the training set held out for validation ({recipe_values('valid_size')})")
+                      help=f"fraction of the training set held out for validation "
+                           f"({recipe_values('valid_size')})")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                       help=f"augment training images as --augmentation says ({recipe_values('augment')})")
     data.add_argument("--augmentation", choices=AUGMENTATIONS, default=None,

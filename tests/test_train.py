@@ -431,7 +431,8 @@ def test_validation_loss_is_the_label_smoothed_objective(capsys, tmp_path):
     prepare = T.Compose([T.Pad(2), T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
     x = torch.stack([prepare(Image.fromarray(image)) for image in images[valid]])
     model = LeNet()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in load_checkpoint(tmp_path / "last.npz").model.items()})
+    weights = load_checkpoint(tmp_path / "last.npz").model
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()})
     with torch.no_grad():
         logits = model(x)
     smoothed = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, torch.from_numpy(labels[valid])).item()
