@@ -104,10 +104,10 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
     clock, curve, images = Clock(), [], 0
 
     def measure(step: int) -> None:
+        """Test accuracy now, the clock paused (the caller restarts it, unless training is over)."""
         clock.pause()
         curve.append({"seconds": clock.seconds, "step": step, "images": images,
                       "test_accuracy": evaluate(learner, test_batches).accuracy})
-        clock.start()
 
     clock.start()
     for epoch in range(config.epochs):
@@ -118,11 +118,11 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
             images += len(y)
             if global_step + 1 in measure_at and global_step + 1 < total_steps:
                 measure(global_step + 1)
+                clock.start()
         evaluate(learner, evaluation_batches(splits.valid_images, splits.valid_labels, config,
                                              splits.dataset, rng=generator(config.seed, Stream.VALID, epoch)),
                  label_smoothing=config.label_smoothing)
     measure(total_steps)
-    clock.pause()
     return {"contender": contender, "recipe": config.recipe, "seed": config.seed,
             "backend": learner.backend, "train_seconds": clock.seconds,
             "compile_seconds": compile_seconds or kernel_seconds, "images": images,
