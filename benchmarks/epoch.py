@@ -8,8 +8,8 @@ the test accuracy: load and split the data, augment every training batch (random
 one epoch (batch 32, Adam 1e-4), validate, evaluate the test set. The contenders:
 
 * ``numpylenet (<backend>)``: ``numpylenet.train``'s own pieces - :func:`numpylenet.pipeline.load_splits`,
-  :class:`numpylenet.loop.NumpyLearner`, :func:`numpylenet.loop.train` (which also writes its
-  checkpoints), :func:`numpylenet.loop.evaluate` - once per backend in ``--backends``;
+  :class:`numpylenet.loop.NumpyLearner`, :func:`numpylenet.loop.fit` (which also writes its
+  checkpoints), :func:`numpylenet.loop.evaluate_batches` - once per backend in ``--backends``;
 * ``torch, numpylenet's pipeline``: the same loop and data with ``reference.train``'s torch learner,
   i.e. what the torch model costs when fed numpylenet's vectorised data pipeline;
 * ``torch, notebook's DataLoader pipeline``: ``reference.seed_notebook.main``, the notebook's code
@@ -49,7 +49,7 @@ def numpylenet_pipeline_epoch(make_learner: Callable, config) -> dict:
     train, validate (with the loop's end-of-epoch checkpoints), test - their total and the test
     accuracy. The loop's progress bar is silenced.
     """
-    from numpylenet.loop import Progress, StopOnInterrupt, evaluate, train
+    from numpylenet.loop import Progress, StopOnInterrupt, evaluate_batches, fit
     from numpylenet.pipeline import Stream, evaluation_batches, generator, load_splits
 
     started = time.perf_counter()
@@ -60,11 +60,11 @@ def numpylenet_pipeline_epoch(make_learner: Callable, config) -> dict:
     history: list[dict] = []
     with tempfile.TemporaryDirectory() as folder, StopOnInterrupt() as stop, \
             contextlib.redirect_stderr(io.StringIO()):
-        train(learner, config, splits, Path(folder), Progress(dataset=splits.dataset), history, stop,
-              on_epoch=lambda record: None)
+        fit(learner, config, splits, Path(folder), Progress(dataset=splits.dataset), history, stop,
+            on_epoch=lambda record: None)
     trained = time.perf_counter()
-    test = evaluate(learner, evaluation_batches(splits.test_images, splits.test_labels, config,
-                                                splits.dataset, rng=generator(config.seed, Stream.TEST)))
+    test = evaluate_batches(learner, evaluation_batches(splits.test_images, splits.test_labels, config,
+                                                        splits.dataset, rng=generator(config.seed, Stream.TEST)))
     finished = time.perf_counter()
     record = history[-1]
     train_seconds = len(splits.train_images) / record["train_images_per_second"]

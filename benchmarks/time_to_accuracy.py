@@ -90,7 +90,7 @@ def compile_graphs(config, splits) -> float:
 
 def run(contender: str, config, splits, evaluations: int) -> dict:
     """Train one contender on one recipe and seed; its accuracy curve against the paused clock."""
-    from numpylenet.loop import evaluate
+    from numpylenet.loop import evaluate_batches
     from numpylenet.pipeline import Stream, evaluation_batches, generator, num_batches, training_batches
     from numpylenet.schedule import learning_rate
 
@@ -107,7 +107,7 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
         """Test accuracy now, the clock paused (the caller restarts it, unless training is over)."""
         clock.pause()
         curve.append({"seconds": clock.seconds, "step": step, "images": images,
-                      "test_accuracy": evaluate(learner, test_batches).accuracy})
+                      "test_accuracy": evaluate_batches(learner, test_batches).accuracy})
 
     clock.start()
     for epoch in range(config.epochs):
@@ -119,9 +119,10 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
             if global_step + 1 in measure_at and global_step + 1 < total_steps:
                 measure(global_step + 1)
                 clock.start()
-        evaluate(learner, evaluation_batches(splits.valid_images, splits.valid_labels, config,
-                                             splits.dataset, rng=generator(config.seed, Stream.VALID, epoch)),
-                 label_smoothing=config.label_smoothing)
+        evaluate_batches(learner, evaluation_batches(splits.valid_images, splits.valid_labels, config,
+                                                     splits.dataset,
+                                                     rng=generator(config.seed, Stream.VALID, epoch)),
+                         label_smoothing=config.label_smoothing)
     measure(total_steps)
     return {"contender": contender, "recipe": config.recipe, "seed": config.seed,
             "backend": learner.backend, "train_seconds": clock.seconds,

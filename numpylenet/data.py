@@ -29,16 +29,16 @@ import http.client
 import math
 import os
 import shutil
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .files import atomic_write, describe_path, make_folders, open_regular, remove_empty_folders
 
 __all__ = [
     "IDXFormatError",
@@ -113,10 +113,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         ``IDX_MAX_BYTES`` bytes, a payload shorter or longer than the dimensions say, or damaged
         gzip data. The message starts with the path.
     OSError
-        The path itself cannot be opened (``FileNotFoundError``, ``IsADirectoryError``, ...).
+        The path is not a readable regular file: ``FileNotFoundError`` when nothing is there (or a
+        broken link), else an OSError saying what is there (a directory, a FIFO, a link loop...).
+        A FIFO or device is refused without reading from it, so the call never blocks.
     """
     path = Path(path)
-    with open(path, "rb") as file:
+    with open_regular(path) as file:
         compressed = file.read(2) == GZIP_MAGIC
         file.seek(0)
         stream = gzip.GzipFile(fileobj=file, mode="rb") if compressed else file
@@ -179,7 +181,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write an array as an IDX file, gzip-compressed if the name ends in ``.gz``.
 
     The output is byte-for-byte deterministic for a given zlib (modification time 0 and no file
-    name in the gzip header) and written atomically (a temporary file renamed into place).
+    name in the gzip header) and written atomically (:func:`numpylenet.files.atomic_write`).
 
     Parameters
     ----------
@@ -205,33 +207,13 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     type_code = codes[array.dtype.newbyteorder("=")]
     header = bytes([0, 0, type_code, array.ndim]) + b"".join(size.to_bytes(4, "big") for size in array.shape)
     payload = np.ascontiguousarray(array, dtype=IDX_DTYPES[type_code]).tobytes()
-    with _atomic_file(path) as file:
+    with atomic_write(path) as file:
         if path.suffix == ".gz":
             with gzip.GzipFile(filename="", mode="wb", fileobj=file, compresslevel=6, mtime=0) as packed:
                 packed.write(header + payload)
         else:
             file.write(header + payload)
     return path
-
-
-@contextmanager
-def _atomic_file(destination: Path):
-    """Yield a temporary binary file next to ``destination``, renamed onto it only on success.
-
-    Whatever goes wrong inside the block (a bad checksum, a dropped connection, Ctrl-C), the
-    temporary file is deleted, so ``destination`` either holds complete content or does not exist.
-    """
-    handle = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{destination.name}.",
-                                         suffix=".part", delete=False)
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, destination)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,10 +275,18 @@ def _raw_folder(root: str | os.PathLike, dataset: str) -> Path:
 
 
 def _find(folder: Path, name: str) -> Path | None:
-    """The uncompressed file if present (what torchvision reads), else the ``.gz``, else None."""
+    """The uncompressed file if present (what torchvision reads), else the ``.gz``, else None.
+
+    Raises OSError, saying what is there, when either name holds something other than a regular
+    file (a directory, a FIFO, a broken link, a link loop...): that is a broken data folder, not a
+    missing file.
+    """
     for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
+        exists, what = describe_path(candidate)
+        if what == "is a regular file":
             return candidate
+        if exists:
+            raise OSError(f"{candidate} {what}, not a data file; remove it or put the file there")
     return None
 
 
@@ -328,9 +318,14 @@ def load_mnist(root: str | os.PathLike = "data", *, train: bool = True, dataset:
     Raises
     ------
     FileNotFoundError
-        A file is missing and ``download`` is False; the message says where it looked.
+        A file is missing and ``download`` is False; the message says where it looked (and, if
+        ``root`` or a folder in it is a file, which).
     DownloadError
-        ``download`` is True and a missing file could not be fetched from any mirror.
+        ``download`` is True and a missing file could not be fetched from any mirror, or its
+        folder could not be created.
+    OSError
+        Something other than a regular file stands where a data file should (see ``_find``), or a
+        file cannot be read.
     ValueError
         Unknown ``dataset``; malformed files (:class:`IDXFormatError`); images that are not uint8
         (N, 28, 28); labels that are not uint8 (N,) in 0-9; image and label counts that differ.
@@ -344,8 +339,10 @@ def load_mnist(root: str | os.PathLike = "data", *, train: bool = True, dataset:
         name = f"{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
         paths[kind] = _find(folder, name)
         if paths[kind] is None:
+            exists, what = describe_path(folder)
+            where = folder.resolve() if exists else f"{folder.resolve()} (which {what})"
             raise FileNotFoundError(
-                f"{dataset}: no {name} or {name}.gz in {folder.resolve()}. Pass download=True to "
+                f"{dataset}: no {name} or {name}.gz in {where}. Pass download=True to "
                 f"fetch it, point root at a folder holding {SOURCES[dataset].folder}/raw/ (the layout "
                 f"torchvision uses), or use dataset='mnist-sample', which ships with numpylenet.")
     images, labels = read_idx(paths["images"]), read_idx(paths["labels"])
@@ -379,23 +376,40 @@ def download_mnist(root: str | os.PathLike = "data", dataset: str = "mnist", *,
     ``torchvision.datasets.MNIST(root)`` as well. A file already present, raw or ``.gz``, is
     left alone. ``mnist-sample`` ships with the package and needs nothing.
 
+    The ``raw`` folder is created if needed; when nothing could be downloaded, the folders this
+    call created are removed again, so a failed attempt leaves the disk as it was.
+
     Returns
     -------
     Path
         The ``raw`` folder.
+
+    Raises
+    ------
+    DownloadError
+        A file could not be fetched, or the folder could not be created (read-only, a file in the
+        way...).
     """
     folder = _raw_folder(root, dataset)
     source = SOURCES[dataset]
     if not source.mirrors:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in MNIST_FILES:
-        if _find(folder, name) is not None:
-            continue
-        packed = download_file([f"{mirror}{name}.gz" for mirror in source.mirrors],
-                               folder / f"{name}.gz", source.md5[name], progress=progress)
-        with gzip.open(packed, "rb") as unpacked, _atomic_file(folder / name) as file:
-            shutil.copyfileobj(unpacked, file, READ_CHUNK)
+    try:
+        created = make_folders(folder)
+    except OSError as error:
+        raise DownloadError(f"cannot create the data folder {folder} to download into: "
+                            f"{error.strerror}") from None
+    try:
+        for name in MNIST_FILES:
+            if _find(folder, name) is not None:
+                continue
+            packed = download_file([f"{mirror}{name}.gz" for mirror in source.mirrors],
+                                   folder / f"{name}.gz", source.md5[name], progress=progress)
+            with gzip.open(packed, "rb") as unpacked, atomic_write(folder / name) as file:
+                shutil.copyfileobj(unpacked, file, READ_CHUNK)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
     return folder
 
 
@@ -450,7 +464,7 @@ def _fetch(url: str, destination: Path, md5: str, *, progress: bool, timeout: fl
         size = int(size) if size is not None and size.isdigit() else None
         digest = hashlib.md5(usedforsecurity=False)
         received = 0
-        with _atomic_file(destination) as file, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
+        with atomic_write(destination) as file, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
                                                      desc=destination.name, disable=not progress) as bar:
             while chunk := response.read(1 << 16):
                 file.write(chunk)

@@ -27,15 +27,16 @@ from typing import Protocol
 
 import numpy as np
 
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, Progress, check_weights, save_checkpoint
 from .loss import softmax_cross_entropy
 from .pipeline import (DataSplits, Stream, evaluation_batches, generator, num_batches,
                        training_batches)
 from .recipes import TrainConfig
 from .schedule import learning_rate
 
-__all__ = ["Learner", "NumpyLearner", "Progress", "Evaluation", "evaluate", "train",
-           "NonFiniteLossError", "TrainingInterrupted", "StopOnInterrupt"]
+__all__ = ["Learner", "NumpyLearner", "Progress", "Evaluation", "evaluate_batches", "fit",
+           "DivergedError", "TrainingInterrupted", "Terminated", "StopOnInterrupt", "make_checkpoint",
+           "save_if_finite"]
 
 
 # Each epoch's record carries the training loss averaged over this many equal runs of steps.
@@ -121,46 +122,6 @@ class NumpyLearner:
 
 
 @dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint (as JSON) so a resumed run picks up exactly here.
-
-    Attributes
-    ----------
-    epoch : the epoch in progress, 0-based (== config.epochs once training is over)
-    step : the next step within that epoch
-    epoch_loss_sum, epoch_images : sum of (batch loss x batch size) and images seen so far this epoch
-    step_losses : the loss of every step so far this epoch (for the loss trace of its record)
-    best_valid_loss, best_epoch : the lowest validation loss so far and its epoch (1-based; 0: none)
-    seconds : wall-clock seconds spent training, validating and writing the checkpoints between
-        epochs, summed over sessions (summary.json's ``train_seconds``)
-    dataset : the data set the run trains on (what "auto" resolved to)
-    """
-
-    epoch: int = 0
-    step: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_images: int = 0
-    step_losses: list[float] = dataclasses.field(default_factory=list)
-    best_valid_loss: float = math.inf
-    best_epoch: int = 0
-    seconds: float = 0.0
-    dataset: str = ""
-
-    def to_json(self) -> dict:
-        # JSON has no infinity; a run that has not validated yet stores None.
-        record = dataclasses.asdict(self)
-        record["best_valid_loss"] = None if math.isinf(self.best_valid_loss) else self.best_valid_loss
-        return record
-
-    @classmethod
-    def from_json(cls, record: dict) -> Progress:
-        record = dict(record)
-        if record.get("best_valid_loss") is None:
-            record["best_valid_loss"] = math.inf
-        return cls(**record)
-
-
-@dataclass
 class Evaluation:
     """Mean loss, accuracy and predicted classes (N,) over one evaluation set."""
 
@@ -169,52 +130,78 @@ class Evaluation:
     predictions: np.ndarray
 
 
-def evaluate(learner: Learner, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
-             label_smoothing: float = 0.0) -> Evaluation:
+def evaluate_batches(learner: Learner, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
+                     label_smoothing: float = 0.0) -> Evaluation:
     """Loss and accuracy of ``learner`` over ``batches`` of (x, y), as means over images; the loss
-    is cross-entropy, label-smoothed by ``label_smoothing`` (see :func:`softmax_cross_entropy`)."""
+    is cross-entropy, label-smoothed by ``label_smoothing`` (see :func:`softmax_cross_entropy`).
+
+    Raises ValueError if the batches hold no image (a mean over nothing is undefined).
+    """
     loss_sum, predictions, labels = 0.0, [], []
     for x, y in batches:
+        if len(y) == 0:
+            continue
         logits = learner.logits(x)
         loss_sum += softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)[0] * len(y)
         predictions.append(logits.argmax(axis=1))
         labels.append(y)
+    if not labels:
+        raise ValueError("there are no images to evaluate")
     predictions, labels = np.concatenate(predictions), np.concatenate(labels)
     return Evaluation(loss=loss_sum / len(labels), accuracy=float(np.mean(predictions == labels)),
                       predictions=predictions)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message says where."""
+class DivergedError(RuntimeError):
+    """Training diverged: the training or validation loss, or a weight, became NaN or infinite.
+    The message says where; nothing from that point on was saved."""
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped at the user's request (Ctrl-C) after saving ``last.npz``."""
+    """Training stopped at the user's request (Ctrl-C or SIGTERM) after saving ``last.npz``.
+
+    ``signal_number`` is the signal that asked (exit status 128 + it, as a shell reports it).
+    """
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived where it cannot wait for a step to end (a BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` swallows it)."""
+
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class StopOnInterrupt:
-    """Context manager turning the first Ctrl-C into a request the loop honours between steps.
+    """Context manager turning the first Ctrl-C (SIGINT) or SIGTERM into a request the loop honours
+    between steps; ``requested`` is then the signal number (0 while none came).
 
     Stopping between steps (never inside one) means the saved weights and optimiser state always
-    belong to the same step. A second Ctrl-C gives up waiting and raises KeyboardInterrupt at once.
+    belong to the same step. A second signal gives up waiting: KeyboardInterrupt for Ctrl-C,
+    :class:`Terminated` for SIGTERM, at once.
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested = 0
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step and saving last.npz (press again to abort)",
-              file=sys.stderr, flush=True)
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+        self.requested = signum
+        print(f"\n{SIGNAL_NAMES[signum]}: stopping after this step and saving last.npz "
+              f"(send it again to abort)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopOnInterrupt:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in SIGNAL_NAMES}
         return self
 
     def __exit__(self, *exc_info) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def make_checkpoint(learner: Learner, config: TrainConfig, progress: Progress,
@@ -225,22 +212,41 @@ def make_checkpoint(learner: Learner, config: TrainConfig, progress: Progress,
                       model=learner.model_state(), optimizer=learner.optimizer_state())
 
 
-def train(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Path,
-          progress: Progress, history: list[dict], stop: StopOnInterrupt,
-          on_epoch: Callable[[dict], None]) -> None:
+def save_if_finite(path: Path, learner: Learner, config: TrainConfig, progress: Progress,
+                   history: list[dict]) -> Checkpoint:
+    """Save the learner's state to ``path`` unless a weight is NaN or infinite (DivergedError), so a
+    checkpoint the loop writes is always one training can continue from. Returns the checkpoint."""
+    checkpoint = make_checkpoint(learner, config, progress, history)
+    try:
+        check_weights(checkpoint.model)
+    except ValueError as error:
+        where = (f"after epoch {progress.epoch}" if progress.step == 0
+                 else f"at epoch {progress.epoch + 1}, step {progress.step}")
+        raise DivergedError(f"the {error} {where}") from None
+    save_checkpoint(path, checkpoint)
+    return checkpoint
+
+
+def fit(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Path,
+        progress: Progress, history: list[dict], stop: StopOnInterrupt,
+        on_epoch: Callable[[dict], None]) -> None:
     """Run epochs ``progress.epoch .. config.epochs - 1``, resuming mid-epoch at ``progress.step``.
 
-    After each epoch: validate, append the epoch's record to ``history`` (and pass it to
-    ``on_epoch``), write ``best.npz`` when the validation loss (the training loss, label smoothing
-    included, on the validation images) improved and ``last.npz`` always.
-    ``progress`` and ``history`` are updated in place.
+    After each epoch: validate, append the epoch's record to ``history``, write ``last.npz`` and
+    then, when the validation loss (the training loss, label smoothing included, on the
+    validation images) improved, ``best.npz`` (so after a kill between the two,
+    ``last.npz`` is itself the best and ``best.npz`` can be rebuilt from it), then pass the record
+    to ``on_epoch``. ``progress`` and ``history`` are updated in place.
 
     Raises
     ------
-    NonFiniteLossError
-        A training loss was NaN or inf. Nothing is saved, so ``last.npz`` keeps the last good state.
+    DivergedError
+        A training loss (checked every step), the validation loss or a weight (checked once an
+        epoch, before anything is saved) was NaN or inf. ``last.npz`` keeps the last finite state.
     TrainingInterrupted
         ``stop`` was requested; ``last.npz`` holds the state after the last completed step.
+    numpylenet.files.WriteError
+        A checkpoint could not be written (disk full, ...); the previous one is intact.
     """
     steps_per_epoch = num_batches(len(splits.train_images), config.batch_size)
     while progress.epoch < config.epochs:
@@ -253,9 +259,11 @@ def train(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Pat
         # Plain cross-entropy stops tracking accuracy once smoothing caps the model's confidence:
         # in a default-recipe run it was lowest at epoch 7 of 20 (99.05% valid accuracy; 99.50%
         # at the end), and selecting that epoch cost half a point of test accuracy.
-        valid = evaluate(learner, evaluation_batches(
+        valid = evaluate_batches(learner, evaluation_batches(
             splits.valid_images, splits.valid_labels, config, splits.dataset,
             rng=generator(config.seed, Stream.VALID, epoch)), label_smoothing=config.label_smoothing)
+        if not math.isfinite(valid.loss):
+            raise DivergedError(f"the validation loss became {valid.loss} after epoch {epoch + 1}")
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": progress.epoch_loss_sum / progress.epoch_images,
                   "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
@@ -265,29 +273,29 @@ def train(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Pat
                   "train_images_per_second": (progress.epoch_images - images_before) / train_seconds,
                   "train_loss_trace": [float(np.mean(chunk)) for chunk in
                                        np.array_split(progress.step_losses, TRACE_POINTS) if len(chunk)]}
-        history.append(record)
-        progress.epoch, progress.step, progress.epoch_loss_sum, progress.epoch_images = epoch + 1, 0, 0.0, 0
-        progress.step_losses = []
-        progress.seconds += seconds
+        finished = dataclasses.replace(progress, epoch=epoch + 1, step=0, epoch_loss_sum=0.0,
+                                       epoch_images=0, step_losses=[], seconds=progress.seconds + seconds)
         improved = valid.loss < progress.best_valid_loss
         if improved:
-            progress.best_valid_loss, progress.best_epoch = valid.loss, epoch + 1
-        checkpoint = make_checkpoint(learner, config, progress, history)
+            finished.best_valid_loss, finished.best_epoch = valid.loss, epoch + 1
         saving = time.perf_counter()
+        checkpoint = save_if_finite(folder / "last.npz", learner, config, finished, [*history, record])
+        # Only now, with the epoch safely on disk, does the run's state move on.
+        history.append(record)
+        vars(progress).update(vars(finished))
         if improved:
             save_checkpoint(folder / "best.npz", checkpoint)
-        save_checkpoint(folder / "last.npz", checkpoint)
-        # The time spent saving counts as training time too (only the saved copy lacks it).
+        # The time spent saving counts as training time too (only the saved copies lack it).
         progress.seconds += time.perf_counter() - saving
         on_epoch(record)
         if stop.requested:
-            raise TrainingInterrupted(f"stopped after epoch {epoch + 1}")
+            raise TrainingInterrupted(f"stopped after epoch {epoch + 1}", stop.requested)
 
 
 def train_epoch(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Path,
                 progress: Progress, history: list[dict], stop: StopOnInterrupt) -> None:
     """The optimiser steps of epoch ``progress.epoch`` from step ``progress.step`` on, with a
-    progress bar; updates ``progress`` after every step (see :func:`train` for the exceptions)."""
+    progress bar; updates ``progress`` after every step (see :func:`fit` for the exceptions)."""
     from tqdm.auto import tqdm
 
     epoch = progress.epoch
@@ -302,8 +310,8 @@ def train_epoch(learner: Learner, config: TrainConfig, splits: DataSplits, folde
             lr = learning_rate(config.schedule, epoch * steps_per_epoch + step, total_steps, config.lr)
             loss = learner.train_step(x, y, lr)
             if not math.isfinite(loss):
-                raise NonFiniteLossError(f"the training loss became {loss} at epoch {epoch + 1}, "
-                                         f"step {step + 1} (learning rate {lr:.3g})")
+                raise DivergedError(f"the training loss became {loss} at epoch {epoch + 1}, "
+                                    f"step {step + 1} (learning rate {lr:.3g})")
             progress.step = step + 1
             progress.epoch_loss_sum += loss * len(y)
             progress.epoch_images += len(y)
@@ -312,5 +320,6 @@ def train_epoch(learner: Learner, config: TrainConfig, splits: DataSplits, folde
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if stop.requested:
                 progress.seconds += time.perf_counter() - started
-                save_checkpoint(folder / "last.npz", make_checkpoint(learner, config, progress, history))
-                raise TrainingInterrupted(f"stopped at epoch {epoch + 1}, step {step + 1}")
+                save_if_finite(folder / "last.npz", learner, config, progress, history)
+                raise TrainingInterrupted(f"stopped at epoch {epoch + 1}, step {step + 1}",
+                                          stop.requested)

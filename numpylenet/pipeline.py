@@ -105,11 +105,22 @@ def load_dataset(dataset: str, data_dir: str, download: bool, *,
 
 def load_splits(config: TrainConfig) -> DataSplits:
     """Load the data set (see :func:`load_dataset`), split off validation exactly as the notebook
-    does, and keep only the first ``config.limit_train`` training images if set."""
+    does, and keep only the first ``config.limit_train`` training images if set.
+
+    Raises ValueError (besides :func:`load_dataset`'s errors) if the training, validation or test
+    set would be empty: a run needs images to train on, to select its weights by and to test.
+    """
     images, labels, dataset, fallback_reason = load_dataset(
         config.dataset, config.data_dir, config.download, train=True)
     test_images, test_labels, _, _ = load_dataset(dataset, config.data_dir, config.download, train=False)
     train_indices, valid_indices = data.split_train_valid(len(images), config.valid_size, seed=SPLIT_SEED)
+    if len(train_indices) == 0 or len(valid_indices) == 0:
+        least = f"; valid_size must be at least {1 / len(images):.2g}" if len(images) > 1 else ""
+        raise ValueError(f"{dataset}: valid_size {config.valid_size} splits its {len(images):,} training "
+                         f"images into {len(train_indices):,} to train on and {len(valid_indices):,} to "
+                         f"validate on: both need at least one{least}")
+    if len(test_images) == 0:
+        raise ValueError(f"{dataset}: the test set holds no image")
     if config.limit_train is not None:
         train_indices = train_indices[:config.limit_train]
     return DataSplits(dataset=dataset,

@@ -3,6 +3,7 @@
 Figures are built on ``matplotlib.figure.Figure`` directly rather than through ``pyplot``, so nothing
 here needs a display, touches global plotting state, or depends on the user's chosen backend.
 matplotlib is imported inside each function: ``--help`` and the tests that draw nothing stay fast.
+Every figure is written atomically (:func:`numpylenet.files.atomic_write`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .files import atomic_write
+
 __all__ = ["trace", "plot_learning_curves", "plot_predictions", "plot_confusion_matrix", "plot_conv1_filters"]
 
 
@@ -18,6 +21,12 @@ def _new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(figure, path: str | os.PathLike) -> None:
+    """Write ``figure`` as a PNG to ``path``, atomically (WriteError if the storage refuses)."""
+    with atomic_write(path) as file:
+        figure.savefig(file, format="png", dpi=100)
 
 
 def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
@@ -41,7 +50,7 @@ def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike) -> No
     for axes in (loss_axes, accuracy_axes):
         axes.grid(alpha=0.3)
         axes.xaxis.get_major_locator().set_params(integer=True)
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
 
 
 def trace(history: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +91,7 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, predictions: np.nda
     errors = int(np.sum(predictions != labels))
     figure.suptitle(f"Test predictions: {len(labels) - errors} of {len(labels)} right "
                     f"(wrong ones in red)")
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, path: str | os.PathLike, title: str = "") -> None:
@@ -107,7 +116,7 @@ def plot_confusion_matrix(matrix: np.ndarray, path: str | os.PathLike, title: st
                           color="white" if on_dark else "black")
     axes.set(xticks=range(num_classes), yticks=range(num_classes), xlabel="predicted class",
              ylabel="true class", title=title or "Confusion matrix")
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
 
 
 def plot_conv1_filters(weight: np.ndarray, path: str | os.PathLike) -> None:
@@ -127,4 +136,4 @@ def plot_conv1_filters(weight: np.ndarray, path: str | os.PathLike) -> None:
         axes.set_title(f"filter {index}")
     figure.colorbar(image, ax=figure.axes, shrink=0.8, label="weight")
     figure.suptitle("conv1 filters")
-    figure.savefig(path, dpi=100)
+    _save(figure, path)

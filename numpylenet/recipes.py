@@ -26,17 +26,19 @@ A run's settings are the recipe's values with any explicitly given flag on top (
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "RECIPES", "make_config", "DATASET_CHOICES", "BACKENDS",
-           "OPTIMIZERS", "AUGMENTATIONS", "EVAL_CROPS"]
+from .names import ACTIVATION_NAMES, BACKEND_NAMES, DTYPE_NAMES, POOL_NAMES
+from .schedule import SCHEDULES
+
+__all__ = ["TrainConfig", "RECIPES", "make_config", "DATASET_CHOICES", "OPTIMIZERS",
+           "AUGMENTATIONS", "EVAL_CROPS", "RESUMABLE", "fixed_on_resume"]
 
 DATASET_CHOICES = ("auto", "mnist", "fashion-mnist", "mnist-sample")
-BACKENDS = ("numpy", "numba")
 OPTIMIZERS = ("adam", "sgd")
 AUGMENTATIONS = ("crop-flip", "shift", "affine")
 EVAL_CROPS = ("center", "random")
-DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,25 @@ class TrainConfig:
     nesterov: bool = False
 
 
+# The settings a resumed run may change (``--resume ... --epochs 30``): they change neither which
+# images are trained on in which order and with which augmentation, nor which are held out, nor the
+# shape of the weights and optimiser state. Every other setting must equal the checkpoint's, or the
+# resumed run would no longer continue the saved one (a different batch size re-orders the epoch,
+# a different validation size trains on validation images). A new setting is fixed on resume
+# unless it is added here.
+#   epochs: the run is extended or cut short; a one-cycle schedule is stretched to the new total
+#   lr, momentum, weight_decay: the optimisation from here on (the schedule's peak for lr)
+#   backend, threads: how the same arithmetic is computed
+#   data_dir, download: where the same data set is found
+RESUMABLE = frozenset({"epochs", "lr", "momentum", "weight_decay", "backend", "threads", "data_dir",
+                       "download"})
+
+
+def fixed_on_resume(settings: dict) -> dict:
+    """The settings (a config as a dict) that a resumed run must keep: all but RESUMABLE."""
+    return {name: value for name, value in settings.items() if name not in RESUMABLE}
+
+
 # Settings that do not belong to a recipe: where the data is and how the machine runs.
 RUN_DEFAULTS = dict(dataset="auto", data_dir="data", download=True, backend=None, threads=None,
                     seed=0, limit_train=None)
@@ -145,9 +166,10 @@ def make_config(recipe: str = "default", base: dict | None = None, **overrides) 
     Raises
     ------
     ValueError
-        Unknown recipe or setting name, or a value outside its allowed range or choices.
+        Unknown recipe or setting name, or a value of the wrong type, outside its allowed range
+        or choices (the message names the first such setting).
     """
-    if recipe not in RECIPES:
+    if not isinstance(recipe, str) or recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     settings = dict(base) if base is not None else {**RUN_DEFAULTS, **RECIPES[recipe], "recipe": recipe}
     fields = dataclasses.fields(TrainConfig)
@@ -158,30 +180,55 @@ def make_config(recipe: str = "default", base: dict | None = None, **overrides) 
     if unknown or missing:
         raise ValueError(f"settings do not fit TrainConfig: unknown {unknown}, missing {missing}")
     settings.update({name: value for name, value in overrides.items() if value is not None})
-    config = TrainConfig(**settings)
+    config = TrainConfig(**{name: _typed(name, value) for name, value in settings.items()})
     _check(config)
     return config
 
 
+# The type of each setting, from TrainConfig's annotations: "int", "float", "str" or "bool",
+# with or without "| None".
+_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _typed(name: str, value):
+    """``value`` if it has the setting's type (ints accepted for floats, as float; never a bool
+    for a number), else ValueError. Settings read from JSON (a checkpoint) arrive unchecked."""
+    kind, _, nullable = _TYPES[name].partition(" | ")
+    if kind not in _KINDS or (value is None and nullable):
+        return value
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str), "bool": isinstance(value, bool)}[kind]
+    if not ok:
+        raise ValueError(f"{name} must be {_KINDS[kind]}{' or null' if nullable else ''}, got {value!r}")
+    if kind == "float":
+        try:
+            value = float(value)
+        except OverflowError:   # an integer beyond float's range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
 def _check(config: TrainConfig) -> None:
     """Raise ValueError naming the first setting outside its allowed values."""
-    choices = {"dataset": DATASET_CHOICES, "augmentation": AUGMENTATIONS, "eval_crop": EVAL_CROPS,
-               "activation": ("relu", "tanh", "sigmoid"), "pool": ("avg", "max"), "dtype": DTYPES,
-               "optimizer": OPTIMIZERS, "schedule": ("constant", "one-cycle")}
+    choices = {"recipe": tuple(RECIPES), "dataset": DATASET_CHOICES, "augmentation": AUGMENTATIONS,
+               "eval_crop": EVAL_CROPS, "activation": ACTIVATION_NAMES, "pool": POOL_NAMES,
+               "dtype": DTYPE_NAMES, "optimizer": OPTIMIZERS, "schedule": tuple(SCHEDULES)}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    if not isinstance(config.nesterov, bool):
-        raise ValueError(f"nesterov must be true or false, got {config.nesterov!r}")
-    if config.backend is not None and config.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    if config.backend is not None and config.backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {config.backend!r}")
     rules = {"epochs": (lambda v: v >= 1, ">= 1"),
              "batch_size": (lambda v: v >= 1, ">= 1"),
              "lr": (lambda v: v > 0, "> 0"),
              "momentum": (lambda v: v >= 0, ">= 0"),
              "weight_decay": (lambda v: v >= 0, ">= 0"),
              "valid_size": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
-             "seed": (lambda v: v >= 0, ">= 0"),
+             "seed": (lambda v: 0 <= v < 2**63, ">= 0 and < 2**63"),
              "threads": (lambda v: v is None or v >= 1, ">= 1"),
              "limit_train": (lambda v: v is None or v >= 1, ">= 1"),
              "label_smoothing": (lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -4,18 +4,27 @@ Three recipes (:mod:`numpylenet.recipes`): ``--recipe seed`` is the seed noteboo
 ``--recipe default`` (the default) reaches >= 99.5% on MNIST in under a minute; ``--recipe
 speedrun`` reaches 99% in two epochs. Every other flag overrides one setting of the recipe.
 
-A run writes into its folder (``--out``, default ``runs/<timestamp>``)::
+A run writes into its folder (``--out``, default ``runs/<timestamp>``), which it claims for itself
+before loading anything (:mod:`numpylenet.run_folder`: one run per folder, never two mixed)::
 
     config.json          every resolved setting, plus the data set actually used and versions
     metrics.jsonl        one JSON line per epoch: losses, validation accuracy, seconds, images/s
-    summary.json         test loss and accuracy (of the best-validation weights), per-class accuracy,
+    summary.json         test loss and accuracy, which weights they are of, per-class accuracy,
                          train_seconds (first step to last, validation and checkpoints included)
     last.npz, best.npz   checkpoints after the latest epoch / the lowest validation loss
     learning_curves.png, predictions.png, confusion_matrix.png, conv1_filters.png
 
-Ctrl-C stops between two steps and saves ``last.npz``; ``--resume RUN/last.npz`` continues
-exactly where the run stopped. Exit status: 0 done, 1 training diverged (NaN/inf loss),
-2 bad command line, data or checkpoint, 130 interrupted.
+Every file is written atomically; JSON files write NaN and infinities as ``null``.
+
+Ctrl-C or SIGTERM stops between two steps and saves ``last.npz``; ``--resume RUN/last.npz``
+continues exactly where the run stopped (``last.npz`` is what ``--resume`` wants; ``best.npz`` is
+for ``numpylenet.evaluate``). On resume only ``--epochs``, ``--lr``, ``--momentum``,
+``--weight-decay``, ``--backend``, ``--threads``, ``--data-dir`` and ``--download`` may change
+(:data:`numpylenet.recipes.RESUMABLE`); every setting that decides the network, the data order or
+the split must stay as saved. The test accuracy is reported for the weights of the epoch with the
+lowest validation loss (``best.npz``) when the run can show them, else for the last weights, and the
+report says which. Exit status: 0 done, 1 training diverged (a NaN/inf loss or weight), 2 bad
+command line, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
 
 Nothing heavy (tqdm, matplotlib, numba, torch) is imported before the command line is parsed, so
 ``--help`` and flag errors come back at once.
@@ -23,61 +32,31 @@ Nothing heavy (tqdm, matplotlib, numba, torch) is imported before the command li
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
-import shutil
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .recipes import AUGMENTATIONS, BACKENDS, DATASET_CHOICES, OPTIMIZERS, RECIPES, TrainConfig
+from .cli import (OneLineErrorParser, RunError, add_backend_argument, add_data_arguments,
+                  available_cores, load_error_text, non_negative_float, non_negative_int,
+                  open_fraction, path_argument, positive_float, positive_int, print_note, run_tool)
+from .names import ACTIVATION_NAMES, DTYPE_NAMES, POOL_NAMES
+from .recipes import AUGMENTATIONS, DATASET_CHOICES, OPTIMIZERS, RECIPES, RESUMABLE, TrainConfig
+from .run_folder import FIGURES
 
 if TYPE_CHECKING:  # only for annotations: numpy and friends load after the command line is parsed
+    from .checkpoint import Checkpoint
     from .loop import Learner, Progress
     from .pipeline import DataSplits
 
-__all__ = ["main", "build_parser", "resolve_config", "OneLineErrorParser", "RunError"]
+__all__ = ["main", "build_parser", "resolve_config", "FIGURES"]
 
 PROG = "python -m numpylenet.train"
-FIGURES = ("learning_curves.png", "predictions.png", "confusion_matrix.png", "conv1_filters.png")
-# Settings that define the network's weights: a checkpoint only fits a run with the same ones.
-ARCHITECTURE = ("activation", "pool", "dtype")
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line: ``prog: error: message (see --help)``."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class RunError(Exception):
-    """A problem with the data, a checkpoint or the output folder, reported as one line, exit 2."""
-
-
-def _number(kind: type, condition: Callable[[float], bool], requirement: str):
-    """An argparse ``type=`` converting to ``kind`` and checking ``condition`` (NaN fails)."""
-
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
-        if not condition(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-
-    return convert
-
-
-positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _number(float, lambda v: v > 0, "a number > 0")
-non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
-open_fraction = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 
 def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErrorParser:
@@ -92,22 +71,22 @@ def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErr
     parser = OneLineErrorParser(
         prog=prog, description=description or "Train LeNet-5 (NumPy) on MNIST and report its test accuracy.",
         epilog="Outputs go to --out: config.json, metrics.jsonl, summary.json, last.npz, best.npz "
-               "and four PNG figures. Ctrl-C saves last.npz; --resume continues from it.")
+               "and four PNG figures. Ctrl-C or SIGTERM saves last.npz; --resume RUN/last.npz "
+               "continues from it, where only --epochs, --lr, --momentum, --weight-decay, "
+               "--backend, --threads, --data-dir and --download may differ from the saved run.")
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                         help="'seed': the seed notebook exactly (about 70%% on MNIST); 'default': "
-                             "affine distortions, normalisation, label smoothing, Adam + one-cycle "
+                             "affine distortions, normalisation, label smoothing, SGD + one-cycle "
                              "(>= 99.5%%); 'speedrun': the fastest way to 99%% (two epochs) "
                              "[default: default]")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASET_CHOICES, default=None,
-                      help="'auto': MNIST from --data-dir, downloaded if missing, else the bundled "
-                           "mnist-sample (announced loudly) [default: auto]")
-    data.add_argument("--data-dir", default=None, metavar="DIR",
-                      help="root folder holding MNIST/raw or FashionMNIST/raw (torchvision layout) "
-                           "[default: $NUMPYLENET_DATA or ./data]")
-    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
-                      help="download missing data files from torchvision's mirrors [default: yes]")
+    add_data_arguments(
+        data, dataset_choices=DATASET_CHOICES, download_default=None,
+        dataset_help="'auto': MNIST from --data-dir, downloaded if missing, else the bundled "
+                     "mnist-sample (announced loudly) [default: auto]",
+        data_dir_help="root folder holding MNIST/raw or FashionMNIST/raw (torchvision layout) "
+                      "[default: $NUMPYLENET_DATA or ./data]")
     data.add_argument("--valid-size", type=open_fraction, default=None, metavar="F",
                       help=f"fraction of the training set held out for validation "
                            f"({recipe_values('valid_size')})")
@@ -125,15 +104,15 @@ def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErr
     data.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
                       help="train on only the first N training images (quick tests) [default: all]")
     model = parser.add_argument_group("model")
-    model.add_argument("--activation", choices=("relu", "tanh", "sigmoid"), default=None,
+    model.add_argument("--activation", choices=ACTIVATION_NAMES, default=None,
                        help="activation after conv1, conv2, conv3 and fc1 [default: relu]")
-    model.add_argument("--pool", choices=("avg", "max"), default=None, help="2x2 pooling [default: avg]")
-    model.add_argument("--dtype", choices=("float32", "float64"), default=None,
+    model.add_argument("--pool", choices=POOL_NAMES, default=None, help="2x2 pooling [default: avg]")
+    model.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                        help="floating-point type of weights and activations [default: float32]")
-    model.add_argument("--backend", choices=BACKENDS, default=None,
-                       help="compute backend [default: $NUMPYLENET_BACKEND, else numba if it imports]")
+    add_backend_argument(model)
     model.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                       help="threads for the compute kernels and BLAS [default: leave as is]")
+                       help="threads for the compute kernels and BLAS, at most the cores available "
+                            "[default: leave as is]")
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                               help=f"passes over the training set ({recipe_values('epochs')})")
@@ -157,11 +136,12 @@ def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErr
     optimisation.add_argument("--seed", type=non_negative_int, default=None,
                               help="seeds initialisation, batch order and augmentation [default: 0]")
     run = parser.add_argument_group("run")
-    run.add_argument("--out", default=None, metavar="DIR",
-                     help="run folder [default: runs/<timestamp>, or the resumed checkpoint's folder]")
-    run.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                     help="continue the run saved in CHECKPOINT (a last.npz or best.npz) exactly; "
-                          "flags given alongside override its settings")
+    run.add_argument("--out", type=path_argument, default=None, metavar="DIR",
+                     help="run folder, claimed by this run alone [default: runs/<timestamp>, or the "
+                          "resumed checkpoint's folder]")
+    run.add_argument("--resume", type=path_argument, default=None, metavar="CHECKPOINT",
+                     help="continue the run saved in CHECKPOINT (its last.npz) exactly; flags given "
+                          "alongside override its settings where a resumed run allows it")
     return parser
 
 
@@ -171,13 +151,26 @@ SETTING_FLAGS = ("dataset", "data_dir", "download", "valid_size", "augment", "li
                  "affine_translate", "affine_scale", "affine_shear", "label_smoothing", "nesterov")
 
 
-def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> TrainConfig:
+def _flag(name: str, value) -> str:
+    """How setting ``name`` = ``value`` is written on the command line."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {value}"
+
+
+def resolve_config(args: argparse.Namespace, saved: dict | None = None,
+                   trained_on: str | None = None) -> TrainConfig:
     """The run's settings: the recipe's (or the resumed checkpoint's ``saved`` config), then flags.
+
+    ``trained_on`` is the data set a resumed run trained on (what its "auto" resolved to): giving
+    it as ``--dataset`` is no change.
 
     Raises
     ------
     ValueError
-        A flag contradicts the recipe or the checkpoint (e.g. a different architecture).
+        A flag contradicts the recipe, or changes on resume a setting that is not RESUMABLE (the
+        network, the data order, the split); the message names every such flag.
     """
     from .recipes import make_config
 
@@ -189,10 +182,15 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> Train
         if args.recipe is not None and args.recipe != saved.get("recipe"):
             raise ValueError(f"--recipe {args.recipe} differs from the checkpoint's recipe "
                              f"{saved.get('recipe')!r}; give individual flags to change its settings")
-        changed = [f"--{name} {given[name]} (checkpoint: {saved.get(name)})" for name in ARCHITECTURE
-                   if name in given and given[name] != saved.get(name)]
+        if given.get("dataset") is not None and given["dataset"] == trained_on:
+            del given["dataset"]
+        changed = [f"{_flag(name, value)} (checkpoint: {_flag(name, saved.get(name))})"
+                   for name, value in given.items() if name not in RESUMABLE and value != saved.get(name)]
         if changed:
-            raise ValueError(f"cannot resume with a different network: {', '.join(changed)}")
+            allowed = ", ".join(sorted(_flag(name, "")[:-1].strip() for name in RESUMABLE))
+            raise ValueError(f"cannot resume with {', '.join(changed)}: that is no longer the same "
+                             f"run but a different network, data order or split. On resume only "
+                             f"{allowed} may differ")
         config = make_config(saved.get("recipe", "default"), base=saved, **given)
     if args.momentum is not None and config.optimizer != "sgd":
         raise ValueError("--momentum applies only to --optimizer sgd (Adam's momentum is its beta1)")
@@ -210,17 +208,16 @@ def main(argv: Sequence[str] | None = None, *, make_learner: Callable | None = N
     """
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    try:
-        return _run(args, make_learner, prog)
-    except RunError as error:
-        parser.exit(2, f"{prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{prog}: interrupted\n")
+    return run_tool(parser, prog, lambda: _run(args, make_learner, prog))
 
 
 @dataclass
 class Session:
-    """A run ready to train: its settings, data, learner, folder and (when resumed) saved progress."""
+    """A run ready to train: its settings, data, learner, folder and (when resumed) saved progress.
+
+    ``selection_from`` is the first epoch whose weights can be selected as the best (1, unless a
+    resumed run could not show the best weights of its earlier epochs).
+    """
 
     config: TrainConfig
     splits: DataSplits
@@ -229,173 +226,217 @@ class Session:
     progress: Progress
     history: list[dict]
     resumed: bool
+    selection_from: int = 1
 
 
 def _run(args: argparse.Namespace, make_learner: Callable | None, prog: str) -> int:
-    """Prepare the run (every bad input fails here, as a RunError), train it, report it."""
-    from .checkpoint import save_checkpoint
-    from .loop import (NonFiniteLossError, NumpyLearner, StopOnInterrupt, TrainingInterrupted,
-                       make_checkpoint, train)
+    """Check the inputs, claim the run folder, prepare the run, train it, report it."""
+    from .loop import NumpyLearner
+    from .run_folder import claim_run_folder
 
-    session = _prepare(args, make_learner or NumpyLearner)
-    config, folder = session.config, session.folder
-    _announce(session, prog)
-    started = time.perf_counter()
+    make_learner = make_learner or NumpyLearner
+    checkpoint = _load_resumed(args, make_learner)
+    config = _resolve(args, checkpoint)
+    folder = _run_folder_path(args)
+    with claim_run_folder(folder, Path(args.resume) if args.resume is not None else None) as claimed:
+        if claimed.removed_temporaries:
+            print_note(prog, f"removed {len(claimed.removed_temporaries)} temporary files that "
+                             f"interrupted writes had left in {folder}")
+        session = _prepare(args, config, checkpoint, make_learner, folder, prog)
+        _announce(session, prog)
+        return _train_and_report(session, prog)
+
+
+def _load_resumed(args: argparse.Namespace, make_learner: Callable) -> Checkpoint | None:
+    """The checkpoint ``--resume`` names (validated), or None."""
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    if args.resume is None:
+        return None
     try:
-        with StopOnInterrupt() as stop:
-            if not session.resumed:
-                # The state before the first step is the first "last good" checkpoint.
-                save_checkpoint(folder / "last.npz", make_checkpoint(
-                    session.learner, config, session.progress, session.history))
-            train(session.learner, config, session.splits, folder, session.progress,
-                  session.history, stop, on_epoch=lambda record: _report_epoch(record, config, folder))
-    except NonFiniteLossError as error:
-        print(f"{prog}: error: {error}. Training stopped; the last good checkpoint is "
-              f"{folder / 'last.npz'}. Try a lower --lr.", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as error:
-        print(f"{prog}: {error}; saved {folder / 'last.npz'}. Continue with:\n"
-              f"  {prog} --resume {folder / 'last.npz'}", file=sys.stderr)
-        return 130
-    summary = _finish(session, time.perf_counter() - started)
-    fallback = "  [mnist-sample, NOT full MNIST]" if session.splits.fallback_reason else ""
-    print(f"test loss {summary['test_loss']:.4f}  test accuracy {100 * summary['test_accuracy']:.2f}% "
-          f"({summary['test_correct']:,}/{summary['test_images']:,}) with the weights of epoch "
-          f"{summary['best_epoch']} (lowest validation loss); {summary['seconds']:.1f} s; "
-          f"outputs in {folder}{fallback}", flush=True)
-    return 0
+        checkpoint = load_checkpoint(args.resume)
+    except CheckpointError as error:
+        raise RunError(error) from None
+    if checkpoint.framework != make_learner.framework:
+        raise RunError(f"checkpoint {args.resume} was written by a {checkpoint.framework} run; "
+                       f"resume it with the trainer that wrote it")
+    return checkpoint
 
 
-def _prepare(args: argparse.Namespace, make_learner: Callable) -> Session:
-    """Resolve the settings, load the data, build (or restore) the learner, set up the run folder.
+def _resolve(args: argparse.Namespace, checkpoint: Checkpoint | None) -> TrainConfig:
+    try:
+        config = resolve_config(args, checkpoint.config if checkpoint else None,
+                                checkpoint.progress["dataset"] if checkpoint else None)
+    except ValueError as error:
+        raise RunError(f"checkpoint {args.resume}: {error}" if checkpoint else error) from None
+    if checkpoint is not None and checkpoint.progress["epoch"] >= config.epochs and checkpoint.progress["step"]:
+        raise RunError(f"checkpoint {args.resume} stopped inside epoch {checkpoint.progress['epoch'] + 1}; "
+                       f"--epochs must be at least {checkpoint.progress['epoch'] + 1}")
+    return config
+
+
+def _run_folder_path(args: argparse.Namespace) -> Path:
+    """``--out``, else the resumed checkpoint's folder, else a fresh ``runs/<timestamp>``."""
+    if args.out is not None:
+        return Path(args.out)
+    if args.resume is not None:
+        return Path(args.resume).parent
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, suffix = Path("runs") / stamp, 1
+    while folder.exists():
+        folder, suffix = Path("runs") / f"{stamp}-{suffix}", suffix + 1
+    return folder
+
+
+def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoint | None,
+             make_learner: Callable, folder: Path, prog: str) -> Session:
+    """Load the data, build (or restore) the learner, write the run's description.
 
     Raises
     ------
     RunError
-        For anything the user can fix: a bad or mismatched checkpoint, contradictory flags,
-        missing or malformed data, an unavailable backend, an unusable folder.
+        For anything the user can fix: missing or malformed data, an empty split, a checkpoint
+        that does not fit the data or the learner, an unavailable backend.
     """
-    from . import data
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .loop import Progress
-    from .pipeline import load_splits
+    from .checkpoint import Progress
+    from .cli import build_with_cache_recovery
+    from .data import DownloadError
+    from .pipeline import load_splits, num_batches
 
-    checkpoint = None
-    if args.resume is not None:
-        try:
-            checkpoint = load_checkpoint(args.resume)
-        except CheckpointError as error:
-            raise RunError(error) from None
-        if checkpoint.framework != make_learner.framework:
-            raise RunError(f"checkpoint {args.resume} was written by a {checkpoint.framework} run; "
-                           f"resume it with the trainer that wrote it")
-    try:
-        config = resolve_config(args, checkpoint.config if checkpoint else None)
-    except ValueError as error:
-        raise RunError(f"checkpoint {args.resume}: {error}" if checkpoint else error) from None
-    folder = _run_folder(args)
+    if config.threads is not None and config.threads > available_cores():
+        print_note(prog, f"--threads {config.threads} capped at the {available_cores()} cores available")
+        config = replace(config, threads=available_cores())
     try:
         splits = load_splits(config)
-    except (FileNotFoundError, data.DownloadError, ValueError) as error:
-        raise RunError(" ".join(str(error).split())) from None
+    except (OSError, DownloadError, ValueError) as error:
+        raise RunError(load_error_text(error)) from None
     try:
-        learner = make_learner(config)
+        learner = build_with_cache_recovery(lambda: make_learner(config), lambda text: print_note(prog, text))
     except ValueError as error:
         raise RunError(error) from None
 
-    progress, history = Progress(dataset=splits.dataset), []
+    progress, history, selection_from = Progress(dataset=splits.dataset), [], 1
     if checkpoint is not None:
-        try:
-            progress = Progress.from_json(checkpoint.progress)
-        except TypeError as error:
-            raise RunError(f"checkpoint {args.resume} is corrupt: malformed progress ({error})") from None
+        progress = Progress.from_json(checkpoint.progress)
+        steps = num_batches(len(splits.train_images), config.batch_size)
         if progress.dataset != splits.dataset:
             raise RunError(f"checkpoint {args.resume} was trained on {progress.dataset}, "
                            f"but this run loads {splits.dataset}")
+        if progress.step > steps or progress.epoch_images > len(splits.train_images):
+            raise RunError(f"checkpoint {args.resume} does not fit this data: it stopped at step "
+                           f"{progress.step} of an epoch, but an epoch of {len(splits.train_images):,} "
+                           f"images has {steps} steps")
         try:
             learner.load_state(checkpoint.model, checkpoint.optimizer)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             raise RunError(f"checkpoint {args.resume} does not match this run: {error}") from None
         history = list(checkpoint.history)
+        selection_from = _restore_best(Path(args.resume), checkpoint, progress, folder, prog)
+    _write_description(config, splits, learner, folder, history)
+    return Session(config, splits, learner, folder, progress, history, resumed=checkpoint is not None,
+                   selection_from=selection_from)
+
+
+def _best_matches(path: Path, progress: Progress, config: dict) -> bool:
+    """Whether ``path`` holds this run's best weights: a readable checkpoint of the same run (the
+    settings a resume keeps) saved at the end of ``progress.best_epoch`` with its validation loss."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .recipes import fixed_on_resume
 
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RunError(f"cannot create the run folder {folder}: {error.strerror}") from None
-    if checkpoint is not None:
-        _carry_over_best(Path(args.resume), folder)
-    _write_json(folder / "config.json", _run_description(config, splits, learner, folder))
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
-    return Session(config, splits, learner, folder, progress, history, resumed=checkpoint is not None)
+        best = load_checkpoint(path, training_state=False)
+    except CheckpointError:
+        return False
+    saved = best.progress
+    return (saved["epoch"] == progress.best_epoch and saved["step"] == 0
+            and saved["best_valid_loss"] == progress.best_valid_loss
+            and fixed_on_resume(best.config) == fixed_on_resume(config))
 
 
-def _report_epoch(record: dict, config: TrainConfig, folder: Path) -> None:
-    """Append the epoch's record to metrics.jsonl and print its one-line summary."""
-    with open(folder / "metrics.jsonl", "a") as metrics:
-        metrics.write(json.dumps(record) + "\n")
-    print(f"epoch {record['epoch']:>{len(str(config.epochs))}}/{config.epochs}  "
-          f"train loss {record['train_loss']:.4f}  valid loss {record['valid_loss']:.4f}  "
-          f"valid acc {100 * record['valid_accuracy']:.2f}%  {record['seconds']:.1f} s  "
-          f"({record['train_images_per_second']:,.0f} img/s)", flush=True)
+def _restore_best(resumed: Path, checkpoint: Checkpoint, progress: Progress, folder: Path,
+                  prog: str) -> int:
+    """Put the resumed run's best.npz in place in ``folder``; returns the first epoch the final
+    model selection may pick from.
 
+    The best weights are the resumed checkpoint itself when it was saved at the end of the best
+    epoch (``last.npz`` is written before ``best.npz``, so after a kill between the two this is how
+    best.npz comes back), else the ``best.npz`` beside it when that is the run's best. When neither
+    shows them, the run forgets its best (so it claims none it cannot show) and selects among the
+    epochs still to come, saying so.
+    """
+    from .checkpoint import save_checkpoint
+    from .files import atomic_write
 
-def _run_folder(args: argparse.Namespace) -> Path:
-    """``--out``, else the resumed checkpoint's folder, else a fresh ``runs/<timestamp>``
-    (created later, once the data and the model are ready)."""
-    if args.out is not None:
-        folder = Path(args.out)
-    elif args.resume is not None:
-        folder = Path(args.resume).parent
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder = Path("runs") / stamp
-        suffix = 1
-        while folder.exists():
-            folder, suffix = Path("runs") / f"{stamp}-{suffix}", suffix + 1
-    if args.resume is None and (folder / "last.npz").exists():
-        raise RunError(f"{folder} already holds a run; choose another --out, or continue it with "
-                       f"--resume {folder / 'last.npz'}")
-    return folder
-
-
-def _carry_over_best(resumed: Path, folder: Path) -> None:
-    """When a run continues in a new folder, bring its best.npz along (model selection needs it)."""
+    target = folder / "best.npz"
+    if progress.best_epoch == 0:
+        return 1
+    if progress.best_epoch == progress.epoch and progress.step == 0:
+        if not _best_matches(target, progress, checkpoint.config):
+            save_checkpoint(target, checkpoint)
+        return 1
     source = resumed.parent / "best.npz"
-    if source.is_file() and source.resolve() != (folder / "best.npz").resolve():
-        shutil.copyfile(source, folder / "best.npz")
+    if _best_matches(source, progress, checkpoint.config):
+        if not (target.exists() and os.path.samefile(source, target)):
+            with atomic_write(target) as file:
+                file.write(source.read_bytes())
+        return 1
+    print_note(prog, f"{source} does not hold the best weights of this run (epoch {progress.best_epoch}); "
+                     f"the test will use the best of epoch {progress.epoch + 1} on instead")
+    progress.best_valid_loss, progress.best_epoch = math.inf, 0
+    return progress.epoch + 1
 
 
-def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
-
-
-def _run_description(config: TrainConfig, splits: DataSplits, learner: Learner, folder: Path) -> dict:
-    """config.json: every setting, then what they resolved to on this machine."""
+def _write_description(config: TrainConfig, splits: DataSplits, learner: Learner, folder: Path,
+                       history: list[dict]) -> None:
+    """config.json (every setting, then what they resolved to on this machine) and metrics.jsonl."""
     import dataclasses
     import platform
 
     import numpy as np
 
     from . import __version__
+    from .files import json_text, write_text
     from .pipeline import num_batches
 
     steps = num_batches(len(splits.train_images), config.batch_size)
-    return {**dataclasses.asdict(config),
-            "resolved": {"dataset": splits.dataset, "dataset_fallback": splits.fallback_reason,
-                         "train_images": len(splits.train_images),
-                         "valid_images": len(splits.valid_images),
-                         "test_images": len(splits.test_images), "steps_per_epoch": steps,
-                         "total_steps": steps * config.epochs, "framework": learner.framework,
-                         "backend": learner.backend,
-                         "compile_seconds": learner.compile_seconds, "run_folder": str(folder),
-                         "command": sys.argv, "python": platform.python_version(),
-                         "numpy": np.__version__, "numpylenet": __version__,
-                         "machine": platform.machine(), "cpus": os.cpu_count()}}
+    description = {**dataclasses.asdict(config),
+                   "resolved": {"dataset": splits.dataset, "dataset_fallback": splits.fallback_reason,
+                                "train_images": len(splits.train_images),
+                                "valid_images": len(splits.valid_images),
+                                "test_images": len(splits.test_images), "steps_per_epoch": steps,
+                                "total_steps": steps * config.epochs, "framework": learner.framework,
+                                "backend": learner.backend,
+                                "compile_seconds": learner.compile_seconds, "run_folder": str(folder),
+                                "command": sys.argv, "python": platform.python_version(),
+                                "numpy": np.__version__, "numpylenet": __version__,
+                                "machine": platform.machine(), "cpus": available_cores()}}
+    write_text(folder / "config.json", json_text(description) + "\n")
+    _write_metrics(folder, history)
+
+
+def _write_metrics(folder: Path, history: list[dict]) -> None:
+    from .files import json_text, write_text
+
+    write_text(folder / "metrics.jsonl", "".join(json_text(record, indent=None) + "\n" for record in history))
+
+
+def _report_epoch(record: dict, session: Session) -> None:
+    """Rewrite metrics.jsonl with the epoch's record and print its one-line summary."""
+    config = session.config
+    _write_metrics(session.folder, session.history)
+    print(f"epoch {record['epoch']:>{len(str(config.epochs))}}/{config.epochs}  "
+          f"train loss {record['train_loss']:.4f}  valid loss {record['valid_loss']:.4f}  "
+          f"valid acc {100 * record['valid_accuracy']:.2f}%  {record['seconds']:.1f} s  "
+          f"({record['train_images_per_second']:,.0f} img/s)", flush=True)
 
 
 def _announce(session: Session, prog: str) -> None:
-    """Say what is about to happen - and, loudly, when the data is only the bundled sample."""
-    config, splits, learner = session.config, session.splits, session.learner
+    """Say what is about to happen - and, loudly, when the data is only the bundled sample or the
+    run has too few steps to train anything."""
+    from .pipeline import num_batches
+    from .schedule import too_few_steps
+
+    config, splits, learner, progress = session.config, session.splits, session.learner, session.progress
     if splits.fallback_reason:
         banner = "!" * 100
         print(f"{banner}\n{prog}: WARNING: full MNIST is not available, so this run trains on the "
@@ -413,53 +454,132 @@ def _announce(session: Session, prog: str) -> None:
     if learner.compile_seconds > 0.5:
         print(f"{learner.backend} kernels ready in {learner.compile_seconds:.1f} s (compiled, or loaded "
               f"from Numba's disk cache)", flush=True)
-    if session.resumed:
-        print(f"resuming at epoch {session.progress.epoch + 1}, step {session.progress.step + 1}",
+    steps = num_batches(len(splits.train_images), config.batch_size)
+    warnings = [too_few_steps(config.schedule, steps * config.epochs)]
+    if config.batch_size > len(splits.train_images):
+        warnings.append(f"--batch-size {config.batch_size} exceeds the {len(splits.train_images):,} "
+                        f"training images: every epoch is a single step")
+    for warning in filter(None, warnings):
+        print(f"{prog}: WARNING: {warning}", file=sys.stderr, flush=True)
+    if progress.epoch >= config.epochs:
+        print(f"this run has already finished its {progress.epoch} of {config.epochs} epochs: nothing "
+              f"to train, testing it again (give --epochs N > {progress.epoch} to train further)",
               flush=True)
+    elif session.resumed:
+        print(f"resuming at epoch {progress.epoch + 1}, step {progress.step + 1}", flush=True)
+
+
+def _train_and_report(session: Session, prog: str) -> int:
+    """Train from where the session stands, then test and report; the exit status."""
+    from .files import WriteError
+    from .loop import DivergedError, StopOnInterrupt, TrainingInterrupted, fit, save_if_finite
+
+    config, folder, progress = session.config, session.folder, session.progress
+    last = folder / "last.npz"
+    started = time.perf_counter()
+    try:
+        with StopOnInterrupt() as stop:
+            if progress.epoch < config.epochs:
+                # The state before this session's first step is its first "last good" checkpoint.
+                save_if_finite(last, session.learner, config, progress, session.history)
+                fit(session.learner, config, session.splits, folder, progress, session.history, stop,
+                    on_epoch=lambda record: _report_epoch(record, session))
+    except DivergedError as error:
+        print(f"{prog}: error: {error}. Training stopped; the last good checkpoint is {last} "
+              f"({_saved_state(last)}). Try a lower --lr.", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as error:
+        print(f"{prog}: {error}; saved {last}. Continue with:\n"
+              f"  {prog} --resume {shlex.quote(str(last))}", file=sys.stderr)
+        return 128 + error.signal_number
+    except WriteError as error:
+        raise RunError(f"{error}; training stopped, {last} holds the last saved state "
+                       f"({_saved_state(last)})") from None
+    summary = _finish(session, time.perf_counter() - started)
+    fallback = "  [mnist-sample, NOT full MNIST]" if session.splits.fallback_reason else ""
+    print(f"test loss {summary['test_loss']:.4f}  test accuracy {100 * summary['test_accuracy']:.2f}% "
+          f"({summary['test_correct']:,}/{summary['test_images']:,}) with {summary['weights_used']}; "
+          f"{summary['seconds']:.1f} s; outputs in {folder}{fallback}", flush=True)
+    return 0
+
+
+def _saved_state(path: Path) -> str:
+    """Which state the checkpoint at ``path`` holds, in words."""
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        progress = load_checkpoint(path, training_state=False).progress
+    except CheckpointError as error:
+        return f"unreadable: {error}"
+    if progress["step"]:
+        return f"epoch {progress['epoch'] + 1}, step {progress['step']}"
+    return f"after epoch {progress['epoch']}" if progress["epoch"] else "before the first step"
+
+
+def _test_weights(session: Session) -> tuple[str, int | None]:
+    """Load the weights to test into the learner: the best epoch's when best.npz shows them, else
+    the current (last) ones. Returns the phrase saying which, and the best epoch used (or None)."""
+    from .checkpoint import load_checkpoint
+
+    progress, best = session.progress, session.folder / "best.npz"
+    if progress.best_epoch and _best_matches(best, progress, _config_dict(session.config)):
+        session.learner.load_state(load_checkpoint(best, training_state=False).model, None)
+        since = f" of epochs {session.selection_from}-{progress.epoch}" if session.selection_from > 1 else ""
+        return f"the weights of epoch {progress.best_epoch} (lowest validation loss{since}, best.npz)", \
+            progress.best_epoch
+    reason = ("best.npz is missing or not this run's" if progress.best_epoch
+              else "no epoch of this session has been validated")
+    return f"the last weights, after epoch {progress.epoch} ({reason})", None
+
+
+def _config_dict(config: TrainConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
 
 
 def _finish(session: Session, session_seconds: float) -> dict:
-    """Test the best-validation weights, draw the figures, write summary.json; return the summary."""
+    """Test the selected weights, draw the figures, write summary.json; return the summary."""
     import numpy as np
 
     from . import plots
-    from .checkpoint import load_checkpoint
-    from .evaluate import confusion_matrix
-    from .loop import evaluate
+    from .cli import confusion_matrix, per_class_accuracy
+    from .files import json_text, write_text
+    from .loop import evaluate_batches
     from .pipeline import Stream, evaluation_batches, generator, transform
 
     config, splits, learner, folder = session.config, session.splits, session.learner, session.folder
     progress, history = session.progress, session.history
-    if (folder / "best.npz").is_file():
-        learner.load_state(load_checkpoint(folder / "best.npz").model, None)
-    test = evaluate(learner, evaluation_batches(splits.test_images, splits.test_labels, config,
-                                                splits.dataset, rng=generator(config.seed, Stream.TEST)))
+    weights_used, best_epoch = _test_weights(session)
+    test = evaluate_batches(learner, evaluation_batches(splits.test_images, splits.test_labels, config,
+                                                        splits.dataset, rng=generator(config.seed, Stream.TEST)))
     matrix = confusion_matrix(splits.test_labels, test.predictions)
-    per_class = np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
+    speeds = [r["train_images_per_second"] for r in history if r.get("train_images_per_second") is not None]
     summary = {
         "test_accuracy": test.accuracy, "test_loss": test.loss,
         "test_correct": int(np.trace(matrix)), "test_images": len(splits.test_labels),
-        "per_class_accuracy": {str(k): float(v) for k, v in enumerate(per_class)},
+        "weights_used": weights_used, "weights_epoch": best_epoch or progress.epoch,
+        "per_class_accuracy": per_class_accuracy(matrix),
         "dataset": splits.dataset, "dataset_fallback": splits.fallback_reason,
         "train_images": len(splits.train_images), "valid_images": len(splits.valid_images),
-        "epochs": progress.epoch, "best_epoch": progress.best_epoch,
-        "best_valid_loss": progress.to_json()["best_valid_loss"],
+        "epochs": progress.epoch, "best_epoch": best_epoch,
+        "best_valid_loss": progress.best_valid_loss if best_epoch else None,
         "final_valid_accuracy": history[-1]["valid_accuracy"] if history else None,
         "seconds": progress.seconds, "train_seconds": progress.seconds,
         "seconds_this_session": session_seconds,
-        "train_images_per_second": (float(np.mean([r["train_images_per_second"] for r in history]))
-                                    if history else None),
+        "train_images_per_second": float(np.mean(speeds)) if speeds else None,
         "recipe": config.recipe, "seed": config.seed, "framework": learner.framework,
         "backend": learner.backend,
     }
-    _write_json(folder / "summary.json", summary)
+    write_text(folder / "summary.json", json_text(summary) + "\n")
 
     plots.plot_learning_curves(history, folder / "learning_curves.png")
     plots.plot_confusion_matrix(matrix, folder / "confusion_matrix.png",
                                 f"{splits.dataset} test set: {100 * test.accuracy:.2f}% correct")
     plots.plot_conv1_filters(learner.model_state()["conv1.weight"], folder / "conv1_filters.png")
     # The notebook's last cell: 25 random test images, freshly transformed, with their predictions.
-    chosen = generator(config.seed, Stream.PREVIEW).choice(len(splits.test_images), 25, replace=False)
+    chosen = generator(config.seed, Stream.PREVIEW).choice(len(splits.test_images),
+                                                            min(25, len(splits.test_images)), replace=False)
     x = transform(splits.test_images[chosen], config, splits.dataset, train=False,
                   rng=generator(config.seed, Stream.PREVIEW, 1))
     plots.plot_predictions(x[:, 0], splits.test_labels[chosen], learner.logits(x).argmax(axis=1),

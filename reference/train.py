@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from numpylenet.model import LeNet5
+from numpylenet.names import DTYPE_NAMES
 from numpylenet.recipes import TrainConfig
 from numpylenet.train import main as numpylenet_main
 from reference.lenet import TorchLeNet5, copy_numpy_to_torch
 
 __all__ = ["TorchLearner", "main"]
 
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # torch.optim's per-parameter state entries, named as numpylenet's optimisers name theirs.
 BUFFERS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import os
+import re
 import signal
 import socket
 import struct
@@ -13,6 +15,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,7 +93,7 @@ def test_write_idx_round_trip_and_deterministic(tmp_path):
             np.testing.assert_array_equal(read_idx(tmp_path / name), values)
             time.sleep(0.01)  # a gzip header carrying the time would now differ
             assert write_idx(tmp_path / name, values).read_bytes() == first
-    assert not list(tmp_path.glob("*.part"))
+    assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="cannot store dtype"):
         write_idx(tmp_path / "b.idx", np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="dimensions"):
@@ -301,6 +304,72 @@ def test_load_mnist_missing_files(tmp_path):
         data.load_mnist(tmp_path, dataset="cifar")
 
 
+@contextmanager
+def within(seconds: int):
+    """Fail instead of hanging: SIGALRM after ``seconds`` raises TimeoutError."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+NOT_A_FILE = {"directory": "is a directory", "FIFO": "is a FIFO (named pipe)",
+              "symlink loop": "is a symbolic link loop", "broken symlink": "is a broken symbolic link"}
+
+
+@pytest.mark.parametrize("kind", NOT_A_FILE)
+def test_a_data_file_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_path, kind):
+    """Issue 15: a directory, FIFO or link loop in place of a data file was reported as missing,
+    and read_idx on a FIFO hung; now each is named for what it is, at once."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    target = raw / "train-images-idx3-ubyte"
+    if kind == "directory":
+        target.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(target)
+    elif kind == "symlink loop":
+        target.symlink_to(raw / "loop")
+        (raw / "loop").symlink_to(target)
+    else:
+        target.symlink_to(raw / "nowhere")
+    with within(10):
+        with pytest.raises(OSError, match=re.escape(f"{target} {NOT_A_FILE[kind]}")):
+            data.load_mnist(tmp_path)
+        with pytest.raises(OSError, match=re.escape(f"{target} {NOT_A_FILE[kind]}")):
+            read_idx(target)
+
+
+def test_a_data_dir_that_is_a_file_is_said_to_be_one(tmp_path):
+    (tmp_path / "data").write_text("")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'data'} is a file, not a folder")):
+        data.load_mnist(tmp_path / "data")
+    with pytest.raises(data.DownloadError, match=re.escape(f"{tmp_path / 'data'} is a file, not a folder")):
+        data.load_mnist(tmp_path / "data", download=True)
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    """Issue 15: --dataset auto with no data and no network left an empty data/MNIST/raw."""
+    from numpylenet.pipeline import load_dataset
+
+    with socket.socket() as probe:   # a port nobody listens on: no network
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/"
+    monkeypatch.setitem(data.SOURCES, "mnist", replace(data.SOURCES["mnist"], mirrors=(dead,)))
+    monkeypatch.chdir(tmp_path)
+    *_, dataset, reason = load_dataset("auto", "data", True, train=True)
+    assert dataset == "mnist-sample" and "could not download" in reason
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()   # a root that was there stays; only what the attempt made goes
+    load_dataset("auto", "kept", True, train=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_load_fashion_mnist_layout(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
     make_root(tmp_path, images, np.array([9, 0, 3, 3], np.uint8), folder="FashionMNIST", split="t10k")
@@ -440,7 +509,7 @@ def test_interrupted_download_leaves_nothing(server, tmp_path):
     try:
         assert server.stalled.wait(30), "the download never started"
         time.sleep(0.2)  # let the client write the half it received
-        assert [name for name in only_files(tmp_path) if name.endswith(".part")], "expected a temporary file"
+        assert [name for name in only_files(tmp_path) if name.endswith(".tmp")], "expected a temporary file"
         child.send_signal(signal.SIGINT)
         assert b"KeyboardInterrupt" in child.communicate(timeout=30)[1]
     finally:

@@ -1,9 +1,12 @@
-"""docs/tour.md stays true: its code references exist, its figures exist, its worked examples and its
-layer table are what the code computes.
+"""docs/tour.md and the notebook's source docs/tour.py stay true: their code references exist, the
+tour's figures exist, its worked examples and its layer table are what the code computes.
 
-* every `path.py: name` reference names a file of the repo that defines ``name`` (dotted for
-  methods, ``Conv2d.backward``); modules are imported and the attribute looked up, except test
-  files, which are parsed (importing them would collect their tests twice);
+* every `path.py: name` reference, in the tour and in the notebook, names a file of the repo that
+  defines ``name`` (dotted for methods, ``Conv2d.backward``); modules are imported and the
+  attribute looked up, except test files, which are parsed (importing them would collect their
+  tests twice);
+* the notebook's links are relative links to files that exist, each code reference linking its own
+  file, and every section of the notebook links the code it runs;
 * every `folder/file.ext` reference names an existing file;
 * every image the tour links exists and is a PNG;
 * the worked examples, each a ```text block after an ``<!-- worked-example: NAME -->`` marker, equal
@@ -27,11 +30,14 @@ from numpylenet import Conv2d, LeNet5, col2im, data, im2col
 ROOT = Path(__file__).resolve().parents[1]
 TOUR_PATH = ROOT / "docs" / "tour.md"
 TOUR = TOUR_PATH.read_text(encoding="utf-8")
+NOTEBOOK_SOURCE = (ROOT / "docs" / "tour.py").read_text(encoding="utf-8")
+DOCUMENTS = {"docs/tour.md": TOUR, "docs/tour.py": NOTEBOOK_SOURCE}
 
 CODE_REFERENCE = re.compile(r"`([\w./-]+\.py): ([A-Za-z_][\w.]*)`")
-FILE_REFERENCE = re.compile(r"`([\w.-]+(?:/[\w.-]+)+\.(?:py|md|json|toml|txt))`")
+FILE_REFERENCE = re.compile(r"`([\w.-]+(?:/[\w.-]+)+\.(?:py|md|json|toml|txt|ipynb))`")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 WORKED_EXAMPLE = re.compile(r"<!-- worked-example: ([\w-]+) -->\s*```text\n(.*?)```", re.DOTALL)
+MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 
 
 def worked_example(name: str) -> np.ndarray:
@@ -59,12 +65,39 @@ def defined_in_source(path: Path, dotted: str) -> bool:
     return True
 
 
-def code_references():
-    return sorted(set(CODE_REFERENCE.findall(TOUR)))
+def code_references(text: str | None = None):
+    """The (path, name) references of one document, or of all of them."""
+    texts = [text] if text is not None else DOCUMENTS.values()
+    return sorted({reference for text in texts for reference in CODE_REFERENCE.findall(text)})
 
 
 def test_the_tour_names_code():
-    assert len(code_references()) >= 30, "the reference pattern no longer matches the tour's references"
+    assert len(code_references(TOUR)) >= 30, "the reference pattern no longer matches the tour's references"
+
+
+def notebook_markdown() -> list[str]:
+    """The notebook's Markdown cells (its source's ``# %% [markdown]`` cells, comment marks removed)."""
+    parts = re.split(r"^(# %%.*)$", NOTEBOOK_SOURCE, flags=re.MULTILINE)[1:]   # marker, body, marker, ...
+    return [re.sub(r"^# ?", "", body, flags=re.MULTILINE) for marker, body in zip(parts[::2], parts[1::2])
+            if marker.endswith("[markdown]")]
+
+
+def test_every_notebook_section_links_the_code_it_runs():
+    sections = [cell for cell in notebook_markdown() if cell.lstrip().startswith("## ")]
+    assert len(sections) >= 9
+    for section in sections:
+        assert CODE_REFERENCE.search(section), f"the notebook's section {section.split(chr(10))[0]!r} links no code"
+
+
+@pytest.mark.parametrize("text, target", sorted({link for cell in notebook_markdown()
+                                                 for link in MARKDOWN_LINK.findall(cell)}))
+def test_notebook_link_resolves(text, target):
+    """A relative link from docs/ to a file that exists; a code reference links its own file."""
+    assert "://" not in target, f"the notebook links {target}: keep links relative, so they work in a clone"
+    assert (ROOT / "docs" / target.split("#")[0]).resolve().is_file(), f"the notebook links {target}, which does not exist"
+    reference = CODE_REFERENCE.fullmatch(text)
+    if reference:
+        assert (ROOT / "docs" / target).resolve() == (ROOT / reference[1]).resolve(), f"{text} links {target}"
 
 
 def load_module(path: str):
@@ -83,21 +116,21 @@ def load_module(path: str):
 @pytest.mark.parametrize("path, name", code_references(), ids=lambda value: value)
 def test_code_reference_exists(path, name):
     file = ROOT / path
-    assert file.is_file(), f"docs/tour.md names {path}, which does not exist"
+    assert file.is_file(), f"the docs name {path}, which does not exist"
     if path.startswith("tests/"):
-        assert defined_in_source(file, name), f"docs/tour.md names {path}: {name}, which is not defined there"
+        assert defined_in_source(file, name), f"the docs name {path}: {name}, which is not defined there"
         return
     if path.startswith(("reference/", "docs/")):
         pytest.importorskip("torch")
     target = load_module(path)
     for part in name.split("."):
-        assert hasattr(target, part), f"docs/tour.md names {path}: {name}, but {part!r} is not there"
+        assert hasattr(target, part), f"the docs name {path}: {name}, but {part!r} is not there"
         target = getattr(target, part)
 
 
-@pytest.mark.parametrize("path", sorted(set(FILE_REFERENCE.findall(TOUR))))
+@pytest.mark.parametrize("path", sorted({path for text in DOCUMENTS.values() for path in FILE_REFERENCE.findall(text)}))
 def test_file_reference_exists(path):
-    assert (ROOT / path).is_file(), f"docs/tour.md names {path}, which does not exist"
+    assert (ROOT / path).is_file(), f"the docs name {path}, which does not exist"
 
 
 @pytest.mark.parametrize("link", sorted(set(IMAGE_LINK.findall(TOUR))))

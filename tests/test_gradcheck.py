@@ -1,15 +1,15 @@
 """Central-difference gradient checks in float64, independent of torch.
 
 Every backward pass (grad_input and each parameter gradient) is compared with
-(f(a + h) - f(a - h)) / 2h, perturbing one entry at a time. See helpers.GRADCHECK_TOLERANCE.
+(f(a + h) - f(a - h)) / 2h, perturbing one entry at a time. See numpylenet.compare.GRADCHECK_TOLERANCE.
 """
 
 import numpy as np
 import pytest
 
-from helpers import GRADCHECK_TOLERANCE, assert_close, check_gradients, numerical_gradient
-from numpylenet import (AvgPool2d, Conv2d, Flatten, LeNet5, Linear, MaxPool2d, ReLU, Sigmoid, Tanh,
-                        softmax_cross_entropy)
+from helpers import assert_ok, check_gradients
+from numpylenet import AvgPool2d, Conv2d, Flatten, LeNet5, Linear, MaxPool2d, ReLU, Sigmoid, Tanh
+from numpylenet.compare import lenet5_vs_finite_differences, loss_vs_finite_differences
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,35 +44,19 @@ def test_softmax_cross_entropy_gradient_matches_finite_differences(batch, classe
     generator = np.random.default_rng(3)
     logits = scale * generator.standard_normal((batch, classes))
     labels = generator.integers(0, classes, size=batch)
-    _, analytic = softmax_cross_entropy(logits, labels)
-    numeric = numerical_gradient(lambda: float(softmax_cross_entropy(logits, labels)[0]), logits)
-    assert_close("softmax_cross_entropy", {"grad_logits": (analytic, numeric)}, GRADCHECK_TOLERANCE)
+    assert_ok(loss_vs_finite_differences(logits, labels))
 
 
 @pytest.mark.parametrize("activation, pool", [("tanh", "max"), ("sigmoid", "avg")])
 def test_lenet5_gradients_match_finite_differences(activation, pool):
-    """End to end through the whole network, on a random sample of 12 entries per parameter.
-
-    Step 1e-4, not 1e-6: early-layer gradients of a sigmoid network are ~1e-4, so the round-off
-    of the loss (~1e-16 * 2.3 / h) must stay small next to them; the truncation error
-    (h^2 / 6 times the third derivative) stays far below the tolerance (measured: <= 4e-8).
-    """
+    """End to end through the whole network, on a random sample of 12 entries per parameter and
+    (but for sigmoid, whose is too small) of the input gradient; the step and its error are
+    discussed in :func:`numpylenet.compare.lenet5_vs_finite_differences`."""
     model = LeNet5(activation=activation, pool=pool, dtype=np.float64, seed=4)
     generator = np.random.default_rng(5)
     images = generator.standard_normal((2, 1, 32, 32))
-    labels = np.array([3, 7])
-
-    def loss() -> float:
-        return float(softmax_cross_entropy(model.forward(images), labels)[0])
-
-    model.zero_grad()
-    _, grad_logits = softmax_cross_entropy(model.forward(images), labels)
-    model.backward(grad_logits)
-    pairs = {}
-    for name, param in model.named_parameters():
-        flat = param.data.reshape(-1)  # a view: perturbing it perturbs the model
-        assert np.shares_memory(flat, param.data)
-        picked = generator.choice(flat.size, size=min(12, flat.size), replace=False)
-        numeric = [numerical_gradient(loss, flat[index:index + 1], step=1e-4)[0] for index in picked]
-        pairs["grad_" + name] = (param.grad.reshape(-1)[picked], np.array(numeric))
-    assert_close(f"LeNet5 {activation}/{pool}", pairs, GRADCHECK_TOLERANCE)
+    input_grad = activation != "sigmoid"
+    rows = lenet5_vs_finite_differences(model, images, np.array([3, 7]), rng=generator, input_grad=input_grad,
+                                        label=f"LeNet5 {activation}/{pool}")
+    assert len(rows) == 10 + input_grad
+    assert_ok(rows)

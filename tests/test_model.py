@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TOLERANCE, assert_close, torch_dtype
+from helpers import TOLERANCE, assert_close, assert_ok, torch_dtype
 from numpylenet import LeNet5, softmax_cross_entropy
+from numpylenet.compare import lenet5_vs_torch
 
 PARAMETER_SHAPES = {
     "conv1.weight": (6, 1, 5, 5), "conv1.bias": (6,),
@@ -28,33 +29,16 @@ def batch(size=4, seed=0, dtype=np.float64):
 
 
 def check_lenet5_against_torch(activation, pool, dtype, batch_size=4):
-    """Copy torch's weights into ours; compare logits, loss, grad_input and all ten gradients."""
-    torch = pytest.importorskip("torch")
-    from reference import TorchLeNet5, copy_torch_to_numpy
+    """Our weights in the reference's torch model; compare logits, loss, grad_input and all ten gradients."""
+    pytest.importorskip("torch")
+    from reference import TorchLeNet5
 
-    torch.manual_seed(0)
     reference = TorchLeNet5(activation, pool).to(torch_dtype(dtype))
     model = LeNet5(activation=activation, pool=pool, dtype=dtype, seed=123)
-    copy_torch_to_numpy(reference, model)
     images, labels = batch(batch_size, dtype=dtype)
-
-    logits = model.forward(images.copy())
-    loss, grad_logits = softmax_cross_entropy(logits, labels)
-    model.zero_grad()
-    grad_input = model.backward(grad_logits)
-
-    images_torch = torch.from_numpy(images).requires_grad_()
-    logits_torch = reference(images_torch)
-    loss_torch = torch.nn.functional.cross_entropy(logits_torch, torch.from_numpy(labels))
-    loss_torch.backward()
-
-    pairs = {"logits": (logits, logits_torch.detach().numpy()), "loss": (loss, loss_torch.item()),
-             "grad_input": (grad_input, images_torch.grad.numpy())}
-    torch_params = dict(reference.named_parameters())
-    pairs.update({"grad_" + name: (param.grad, torch_params[name].grad.numpy())
-                  for name, param in model.named_parameters()})
-    assert len(pairs) == 13
-    assert_close(f"LeNet5 {activation}/{pool}", pairs, TOLERANCE[np.dtype(dtype)])
+    rows = lenet5_vs_torch(model, reference, images, labels, label=f"LeNet5 {activation}/{pool}")
+    assert len(rows) == 13
+    assert_ok(rows)
 
 
 @pytest.mark.parametrize("activation, pool", COMBINATIONS)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import arrays
+from cli_runs import run_train as train
 
 from numpylenet.checkpoint import load_checkpoint
 from numpylenet.evaluate import main as evaluate_main
@@ -32,21 +34,6 @@ PROG = "python -m numpylenet.train"
 TINY = ["--dataset", "mnist-sample", "--limit-train", "192", "--batch-size", "32", "--epochs", "2",
         "--valid-size", "0.05"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def train(capsys, *flags, make_learner=None) -> tuple[int, str, str]:
-    """Run numpylenet.train in-process: (exit status, stdout, stderr)."""
-    try:
-        code = train_main([str(flag) for flag in flags], make_learner=make_learner)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
 
 
 @pytest.fixture(scope="module")
