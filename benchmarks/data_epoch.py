@@ -7,7 +7,9 @@ For the training images of the notebook's split (54,000 of MNIST; 5,400 of the b
 ``random_horizontal_flip`` + ``to_float``, done by ``numpylenet.data`` once over the whole epoch
 as one batch, and batch by batch (64 images) as training uses it; the same work done the
 notebook's way, torchvision's transforms image by image (on a subset, scaled up to the epoch; left
-out when torchvision does not import); and training steps of batch 64 (zero_grad, forward, softmax
+out when torchvision does not import); the default recipe's training transform (centre in 32 x 32,
+``x / 255``, a random affine distortion, normalisation: :func:`numpylenet.pipeline.transform`)
+batch by batch, and torchvision's ``v2.RandomAffine`` doing the same image by image; and training steps of batch 64 (zero_grad, forward, softmax
 cross-entropy, backward, Adam; the contenders of :mod:`benchmarks.step`) scaled up to the epoch's
 number of steps. All contenders run round-robin in one process and the median of ``--repeats`` is
 reported (see :mod:`benchmarks.common`), each as seconds per epoch and as a share of a training
@@ -22,6 +24,8 @@ import numpy as np
 from benchmarks import common
 from benchmarks.step import step_functions
 from numpylenet import data
+from numpylenet.pipeline import transform
+from numpylenet.recipes import make_config
 
 NAME = "data_epoch"
 BATCH_SIZE = 64
@@ -60,6 +64,28 @@ def contenders(images: np.ndarray, labels: np.ndarray,
         work["torchvision, image by image"] = (
             lambda: [notebook(Image.fromarray(image, mode="L")) for image in subset],
             count / len(subset), f"{len(subset):,} images")
+    default = make_config("default")
+    work[f"default recipe (random affine), batches of {default.batch_size}"] = (
+        lambda: [transform(images[batch], default, "mnist", train=True, rng=rng)
+                 for batch in data.batch_indices(count, default.batch_size, rng=rng)],
+        1.0, "the whole epoch")
+    try:
+        import torch
+        from torchvision.transforms import v2
+    except ImportError:
+        pass
+    else:
+        affine = v2.Compose([v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
+                             v2.RandomAffine(default.affine_degrees,
+                                             translate=(default.affine_translate,) * 2,
+                                             scale=(1 - default.affine_scale, 1 + default.affine_scale),
+                                             shear=default.affine_shear,
+                                             interpolation=v2.InterpolationMode.BILINEAR, fill=None),
+                             v2.Normalize(data.MNIST_MEAN_STD[:1], data.MNIST_MEAN_STD[1:])])
+        tensors = torch.from_numpy(images[:torchvision_images, np.newaxis].copy())
+        work["torchvision v2 RandomAffine, image by image"] = (
+            lambda: [affine(tensor) for tensor in tensors], count / len(tensors),
+            f"{len(tensors):,} images")
     batch = augment(images[:BATCH_SIZE], rng), labels[:BATCH_SIZE]
     for framework, step in step_functions(*batch).items():
         work[f"training, {framework}"] = (lambda step=step: [step() for _ in range(steps_per_call)],
@@ -101,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     return common.publish(args, NAME, {
         "dataset": dataset, "train_images": len(images), "batch_size": BATCH_SIZE,
         "transform": "random_crop(32, padding=4) + random_horizontal_flip(0.5) + to_float",
+        "default_recipe_transform": "pad_to(32) + to_float + random_affine (default recipe's ranges) "
+                                    "+ normalize: numpylenet.pipeline.transform",
         "reference": reference, "unit": "seconds per epoch (median, extrapolated where timed on part)",
         "rows": rows, "markdown": table})
 

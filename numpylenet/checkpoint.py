@@ -86,7 +86,8 @@ class Progress:
     epoch_loss_sum, epoch_images : sum of (batch loss x batch size) and images seen so far this epoch
     step_losses : the loss of every step so far this epoch (for the loss trace of its record)
     best_valid_loss, best_epoch : the lowest validation loss so far and its epoch (1-based; 0: none)
-    seconds : wall-clock seconds spent training (and validating), summed over sessions
+    seconds : wall-clock seconds spent training, validating and writing the checkpoints between
+        epochs, summed over sessions (summary.json's ``train_seconds``)
     dataset : the data set the run trains on (what "auto" resolved to)
     """
 

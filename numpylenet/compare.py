@@ -241,13 +241,16 @@ def layer_vs_torch(make_ours: Callable, make_torch: Callable, input_shape: tuple
     return compare(label or type(ours).__name__, pairs, TOLERANCE[dtype], f"torch {dtype}")
 
 
-def loss_vs_torch(logits: np.ndarray, labels: np.ndarray, label: str = "softmax_cross_entropy") -> list[Comparison]:
-    """The loss and grad_logits against ``nn.CrossEntropyLoss()`` (mean), in the logits' dtype."""
+def loss_vs_torch(logits: np.ndarray, labels: np.ndarray, label: str = "softmax_cross_entropy", *,
+                  label_smoothing: float = 0.0) -> list[Comparison]:
+    """The loss and grad_logits against ``nn.CrossEntropyLoss(label_smoothing=...)`` (mean), in the
+    logits' dtype."""
     import torch
 
-    loss, grad_logits = softmax_cross_entropy(logits.copy(), labels.copy())
+    loss, grad_logits = softmax_cross_entropy(logits.copy(), labels.copy(), label_smoothing=label_smoothing)
     logits_torch = torch.from_numpy(logits.copy()).requires_grad_()
-    loss_torch = torch.nn.CrossEntropyLoss()(logits_torch, torch.from_numpy(labels.astype(np.int64)))
+    loss_torch = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)(
+        logits_torch, torch.from_numpy(labels.astype(np.int64)))
     loss_torch.backward()
     pairs = {"loss": (np.float64(loss), loss_torch.item()), "grad_logits": (grad_logits, logits_torch.grad.numpy())}
     return compare(label, pairs, TOLERANCE[logits.dtype], f"torch {logits.dtype}")

@@ -8,7 +8,8 @@ loop on the very same batches (:mod:`numpylenet.pipeline`).
 One optimiser step at global step ``t`` (0-based, counting over all epochs)::
 
     lr     = schedule(t, total_steps, peak_lr)
-    loss   = cross_entropy(model(x), y)            mean over the batch
+    loss   = cross_entropy(model(x), y)            mean over the batch (label-smoothed if the
+                                                   config says so)
     grads  = d loss / d parameters                 backward pass
     params = optimiser update(params, grads, lr)
 """
@@ -88,17 +89,19 @@ class NumpyLearner:
             started = time.perf_counter()
             NumbaLeNet5.compile(self.model.dtype)
             self.compile_seconds = time.perf_counter() - started
+        self.label_smoothing = config.label_smoothing
         if config.optimizer == "adam":
             self.optimizer = Adam(self.model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
         else:
             self.optimizer = SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         self.optimizer.lr = lr
         self.model.zero_grad()
-        loss, grad_logits = softmax_cross_entropy(self.model.forward(x), y)
+        loss, grad_logits = softmax_cross_entropy(self.model.forward(x), y,
+                                                  label_smoothing=self.label_smoothing)
         self.model.backward(grad_logits, input_grad=False)   # training never needs dL/dx
         self.optimizer.step()
         return loss
@@ -127,8 +130,10 @@ class Evaluation:
     predictions: np.ndarray
 
 
-def evaluate_batches(learner: Learner, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Evaluation:
-    """Loss and accuracy of ``learner`` over ``batches`` of (x, y), as means over images.
+def evaluate_batches(learner: Learner, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
+                     label_smoothing: float = 0.0) -> Evaluation:
+    """Loss and accuracy of ``learner`` over ``batches`` of (x, y), as means over images; the loss
+    is cross-entropy, label-smoothed by ``label_smoothing`` (see :func:`softmax_cross_entropy`).
 
     Raises ValueError if the batches hold no image (a mean over nothing is undefined).
     """
@@ -137,7 +142,7 @@ def evaluate_batches(learner: Learner, batches: Iterable[tuple[np.ndarray, np.nd
         if len(y) == 0:
             continue
         logits = learner.logits(x)
-        loss_sum += softmax_cross_entropy(logits, y)[0] * len(y)
+        loss_sum += softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)[0] * len(y)
         predictions.append(logits.argmax(axis=1))
         labels.append(y)
     if not labels:
@@ -228,7 +233,8 @@ def fit(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Path,
     """Run epochs ``progress.epoch .. config.epochs - 1``, resuming mid-epoch at ``progress.step``.
 
     After each epoch: validate, append the epoch's record to ``history``, write ``last.npz`` and
-    then, when the validation loss improved, ``best.npz`` (so after a kill between the two,
+    then, when the validation loss (the training loss, label smoothing included, on the
+    validation images) improved, ``best.npz`` (so after a kill between the two,
     ``last.npz`` is itself the best and ``best.npz`` can be rebuilt from it), then pass the record
     to ``on_epoch``. ``progress`` and ``history`` are updated in place.
 
@@ -249,9 +255,13 @@ def fit(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Path,
         images_before = progress.epoch_images
         train_epoch(learner, config, splits, folder, progress, history, stop)
         train_seconds = time.perf_counter() - started
+        # The validation loss is the training objective (label-smoothed when the recipe smooths).
+        # Plain cross-entropy stops tracking accuracy once smoothing caps the model's confidence:
+        # in a default-recipe run it was lowest at epoch 7 of 20 (99.05% valid accuracy; 99.50%
+        # at the end), and selecting that epoch cost half a point of test accuracy.
         valid = evaluate_batches(learner, evaluation_batches(
             splits.valid_images, splits.valid_labels, config, splits.dataset,
-            rng=generator(config.seed, Stream.VALID, epoch)))
+            rng=generator(config.seed, Stream.VALID, epoch)), label_smoothing=config.label_smoothing)
         if not math.isfinite(valid.loss):
             raise DivergedError(f"the validation loss became {valid.loss} after epoch {epoch + 1}")
         seconds = time.perf_counter() - started
@@ -268,12 +278,15 @@ def fit(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Path,
         improved = valid.loss < progress.best_valid_loss
         if improved:
             finished.best_valid_loss, finished.best_epoch = valid.loss, epoch + 1
+        saving = time.perf_counter()
         checkpoint = save_if_finite(folder / "last.npz", learner, config, finished, [*history, record])
         # Only now, with the epoch safely on disk, does the run's state move on.
         history.append(record)
         vars(progress).update(vars(finished))
         if improved:
             save_checkpoint(folder / "best.npz", checkpoint)
+        # The time spent saving counts as training time too (only the saved copies lack it).
+        progress.seconds += time.perf_counter() - saving
         on_epoch(record)
         if stop.requested:
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1}", stop.requested)

@@ -24,20 +24,28 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, *,
+                          label_smoothing: float = 0.0) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of softmax(logits) against integer labels, and its gradient.
 
-    Forward, as ``nn.CrossEntropyLoss()`` (reduction "mean")::
+    Forward, as ``nn.CrossEntropyLoss(label_smoothing=eps)`` (reduction "mean")::
 
         p = softmax(z)                      (N, K)
-        L = -(1/N) sum_n log p[n, y_n]
+        q = (1 - eps) onehot(y) + eps / K   (N, K) the target: mostly the label, a little of each class
+        L = -(1/N) sum_n sum_k q[n, k] log p[n, k]
+          = -(1/N) sum_n [(1 - eps) log p[n, y_n] + (eps / K) sum_k log p[n, k]]
 
-    Backward: dL/dz = (p - onehot(y)) / N, since d(-log p_y)/dz_k = p_k - [k == y].
+    Backward: dL/dz = (p - q) / N, since d(-sum_k q_k log p_k)/dz_j = p_j sum_k q_k - q_j and the
+    q_k sum to 1. With eps = 0 (the default) that is (p - onehot(y)) / N.
+
+    Smoothing keeps the logits from growing without bound to drive the loss to 0: the best a
+    model can do is p = q, a confident but finite answer.
 
     Parameters
     ----------
     logits : ndarray, shape (N, K), float
     labels : ndarray, shape (N,), integers in [0, K)
+    label_smoothing : float in [0, 1], eps above
 
     Returns
     -------
@@ -55,10 +63,15 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got values from "
                          f"{labels.min()} to {labels.max()}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     log_probs = log_softmax(logits)
     rows = np.arange(n)
-    loss = -log_probs[rows, labels].mean()
+    loss = -(1 - label_smoothing) * log_probs[rows, labels].mean()
     grad_logits = np.exp(log_probs)           # p
-    grad_logits[rows, labels] -= 1            # p - onehot(y)
+    grad_logits[rows, labels] -= 1 - label_smoothing
+    if label_smoothing:
+        loss -= label_smoothing / num_classes * log_probs.sum(axis=1).mean()
+        grad_logits -= label_smoothing / num_classes          # p - q
     grad_logits /= n                          # the mean over the batch divides by N
     return float(loss), grad_logits

@@ -28,6 +28,7 @@ FIELDS = {
     "epoch": ("recipe", "dataset", "train_images", "contenders"),
     "inference": ("forward_flops_per_image", "peak_flops_for_threads", "rows"),
     "data_epoch": ("dataset", "train_images", "reference", "rows"),
+    "time_to_accuracy": ("dataset", "recipes", "thresholds", "clock", "headline", "table", "runs"),
 }
 ROW_FIELDS = {
     "layers": ("layer", "pass", "torch", "numpy"),
@@ -90,6 +91,24 @@ def test_epoch_times_every_phase(quick_results):
             phases = entry["phases"]
             assert sum(phases.values()) == pytest.approx(entry["median_seconds"], rel=0.05), name
             assert 0 <= min(entry["test_accuracy"]) <= 1
+
+
+def test_time_to_accuracy_curves_are_consistent(quick_results):
+    """Each run's curve: clock and images only grow, evaluation points end at the run's end, and
+    the times to each threshold are the first points at or above it."""
+    result = quick_results["time_to_accuracy"]
+    if isinstance(result, str):
+        pytest.skip(result)
+    assert {run["recipe"] for run in result["runs"]} == {"speedrun", "default"}
+    for run in result["runs"]:
+        curve = run["curve"]
+        seconds, images = [p["seconds"] for p in curve], [p["images"] for p in curve]
+        assert seconds == sorted(seconds) and images == sorted(images) and len(curve) == 3
+        assert curve[-1]["images"] == run["images"] == 320 and seconds[-1] == run["train_seconds"]
+        for key, reached in run["time_to"].items():
+            first = next((p["seconds"] for p in curve if 100 * p["test_accuracy"] >= float(key) - 1e-9), None)
+            assert reached == first
+    assert "CPU core" in result["headline"] and result["headline"] in result["markdown"]
 
 
 def test_all_rewrites_readme_between_markers(quick_results, tmp_path):

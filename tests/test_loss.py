@@ -1,4 +1,5 @@
-"""softmax_cross_entropy against nn.CrossEntropyLoss (mean reduction) and a hand-computed case."""
+"""softmax_cross_entropy against nn.CrossEntropyLoss (mean reduction, with and without label
+smoothing) and hand-computed cases."""
 
 import numpy as np
 import pytest
@@ -12,12 +13,12 @@ from numpylenet.compare import loss_vs_torch  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def check_loss(logits: np.ndarray, labels: np.ndarray) -> None:
+def check_loss(logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0) -> None:
     """Loss and grad_logits against torch's mean cross entropy, in the logits' dtype."""
-    loss, grad_logits = softmax_cross_entropy(logits.copy(), labels.copy())
+    loss, grad_logits = softmax_cross_entropy(logits.copy(), labels.copy(), label_smoothing=label_smoothing)
     assert np.isfinite(loss) and np.all(np.isfinite(grad_logits))
     assert grad_logits.dtype == logits.dtype and grad_logits.shape == logits.shape
-    assert_ok(loss_vs_torch(logits, labels))
+    assert_ok(loss_vs_torch(logits, labels, label_smoothing=label_smoothing))
 
 
 def random_case(batch, classes, scale=1.0, dtype=np.float64, seed=0):
@@ -36,6 +37,33 @@ def random_case(batch, classes, scale=1.0, dtype=np.float64, seed=0):
 ])
 def test_matches_torch(batch, classes, scale, dtype):
     check_loss(*random_case(batch, classes, scale, dtype))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")])
+@pytest.mark.parametrize("label_smoothing", [0.1, 0.25, 1.0])
+@pytest.mark.parametrize("batch, classes, scale", [
+    pytest.param(16, 10, 1.0, id="batch16"),
+    pytest.param(1, 10, 1.0, id="batch1"),
+    pytest.param(8, 10, 1e2, id="logits_1e2"),
+])
+def test_label_smoothing_matches_torch(batch, classes, scale, label_smoothing, dtype):
+    check_loss(*random_case(batch, classes, scale, dtype), label_smoothing=label_smoothing)
+
+
+def test_label_smoothing_hand_computed():
+    """Equal logits: p = 1/C = the smoothed target's average, so loss = log C whatever eps, and the
+    gradient is (1/C - q) / N with q = (1 - eps) onehot + eps / C."""
+    labels, eps, classes = np.array([2, 0]), 0.3, 4
+    loss, grad = softmax_cross_entropy(np.zeros((2, classes)), labels, label_smoothing=eps)
+    target = (1 - eps) * np.eye(classes)[labels] + eps / classes
+    assert abs(loss - np.log(classes)) <= 1e-15
+    np.testing.assert_allclose(grad, (1 / classes - target) / 2, rtol=0, atol=1e-16)
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, 1.5, float("nan")])
+def test_label_smoothing_out_of_range(label_smoothing):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 1]), label_smoothing=label_smoothing)
 
 
 def test_all_logits_huge_and_equal():

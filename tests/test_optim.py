@@ -80,6 +80,8 @@ def check_trajectory(kind, steps, activation="tanh", pool="max", lr_schedule=Non
     pytest.param("sgd", 50, {"lr": 0.02, "momentum": 0.9, "nesterov": True}, id="sgd_nesterov"),
     pytest.param("sgd", 50, {"lr": 0.02, "momentum": 0.9, "dampening": 0.5}, id="sgd_dampening"),
     pytest.param("sgd", 50, {"lr": 0.02, "momentum": 0.8, "weight_decay": 1e-2}, id="sgd_weight_decay"),
+    pytest.param("sgd", 50, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+                 id="sgd_nesterov_weight_decay"),     # the default recipe's optimiser
 ])
 def test_trajectory_matches_torch(kind, steps, hyper):
     check_trajectory(kind, steps, **hyper)

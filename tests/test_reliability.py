@@ -29,6 +29,7 @@ from cli_runs import (EVALUATE, REPO, TINY, TRAIN, arrays, environment, one_line
 from numpylenet.cli import available_cores
 from numpylenet.data import write_idx
 from numpylenet.loop import NumpyLearner
+from numpylenet.recipes import RECIPES
 from numpylenet.train import main as train_main
 
 
@@ -225,7 +226,7 @@ def test_a_run_of_one_step_trains_at_the_peak_and_says_it_is_too_short(capsys, t
     code, _, err = run_train(capsys, "--dataset", "mnist-sample", "--limit-train", "64", "--valid-size",
                              "0.01", "--batch-size", "1000000000", "--epochs", "1", "--out", tmp_path,
                              make_learner=recorder)
-    assert code == 0 and recorder.rates == [3e-3]   # the default recipe's peak, not 1.2e-8
+    assert code == 0 and recorder.rates == [RECIPES["default"]["lr"]]   # the peak, not peak / 25e4
     assert "WARNING" in err and "single step" in err and "one-cycle" in err
 
 
@@ -235,7 +236,7 @@ def test_a_run_of_four_steps_finishes(capsys, tmp_path):
     code, _, _ = run_train(capsys, "--dataset", "mnist-sample", "--limit-train", "64", "--valid-size",
                            "0.01", "--batch-size", "64", "--epochs", "4", "--out", tmp_path,
                            make_learner=recorder)
-    assert code == 0 and len(recorder.rates) == 4 and recorder.rates[0] == 3e-3
+    assert code == 0 and len(recorder.rates) == 4 and recorder.rates[0] == RECIPES["default"]["lr"]
     assert all(a > b for a, b in zip(recorder.rates, recorder.rates[1:]))
 
 
@@ -245,7 +246,7 @@ def test_a_run_of_four_steps_finishes(capsys, tmp_path):
     (["--batch-size", "16"], "--batch-size 16"), (["--valid-size", "0.02"], "--valid-size 0.02"),
     (["--seed", "5"], "--seed 5"), (["--no-augment"], "--no-augment"),
     (["--limit-train", "32"], "--limit-train 32"), (["--dataset", "mnist"], "--dataset mnist"),
-    (["--optimizer", "sgd"], "--optimizer sgd"), (["--pool", "max"], "--pool max"),
+    (["--optimizer", "adam"], "--optimizer adam"), (["--pool", "max"], "--pool max"),
 ])
 def test_resume_refuses_settings_that_change_the_run(capsys, run_copy, flags, named):
     before = snapshot(run_copy)

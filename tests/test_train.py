@@ -7,6 +7,7 @@ resume, and the files' own contents (PNG signatures, JSON that parses, npz reada
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -24,7 +25,8 @@ from cli_runs import run_train as train
 from numpylenet.checkpoint import load_checkpoint
 from numpylenet.evaluate import main as evaluate_main
 from numpylenet.loop import NumpyLearner
-from numpylenet.recipes import TrainConfig
+from numpylenet.data import write_idx
+from numpylenet.recipes import RECIPES, TrainConfig, make_config
 from numpylenet.train import FIGURES, main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,12 +38,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """One tiny default-recipe run, with --dataset auto pointed at an empty folder (so it must fall
-    back to mnist-sample and say so). Returns its folder."""
+    """One tiny default-recipe run with Adam (whose 32 steps learn fast enough to check), with
+    --dataset auto pointed at an empty folder (so it must fall back to mnist-sample and say so).
+    Returns its folder."""
     folder = tmp_path_factory.mktemp("run") / "out"
     empty = tmp_path_factory.mktemp("no-data")
     flags = ["--dataset", "auto", "--data-dir", empty, "--no-download", "--limit-train", "512",
-             "--epochs", "2", "--valid-size", "0.05", "--batch-size", "32", "--out", folder]
+             "--epochs", "2", "--valid-size", "0.05", "--batch-size", "32", "--optimizer", "adam",
+             "--lr", "3e-3", "--out", folder]
     code = train_main([str(flag) for flag in flags])
     assert code == 0
     return folder
@@ -95,6 +99,60 @@ def test_checkpoints_load_without_pickle_and_hold_the_state(run):
         progress = json.loads(str(checkpoint["progress"]))
         assert progress["step"] == 0 and progress["dataset"] == "mnist-sample"
     assert json.loads(str(arrays(run / "last.npz")["progress"]))["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- the recipes
+
+def fashion_mnist_root(root: Path) -> Path:
+    """Synthetic files in Fashion-MNIST's format and layout (the real ones are not on this machine):
+    random 28x28 images whose class decides a bright square's position, so there is something
+    to learn."""
+    rng = np.random.default_rng(0)
+    (root / "FashionMNIST" / "raw").mkdir(parents=True)
+    for split, count in (("train", 600), ("t10k", 200)):
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        images = rng.integers(0, 60, (count, 28, 28)).astype(np.uint8)
+        for image, label in zip(images, labels):
+            row, column = divmod(int(label), 5)
+            image[4 + 10 * row: 12 + 10 * row, 2 + 5 * column: 6 + 5 * column] = 255
+        write_idx(root / "FashionMNIST" / "raw" / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / "FashionMNIST" / "raw" / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.mark.parametrize("recipe", ["speedrun", "default"])
+@pytest.mark.parametrize("dataset", ["mnist-sample", "fashion-mnist"])
+def test_recipe_runs_unchanged_on_each_dataset(capsys, tmp_path, recipe, dataset):
+    """A tiny run of each recipe (CI keeps them alive); on Fashion-MNIST with no flag but --dataset."""
+    flags = ["--recipe", recipe, "--dataset", dataset, "--limit-train", "1024", "--epochs", "3",
+             "--no-download", "--out", tmp_path / "run"]
+    if dataset == "fashion-mnist":
+        flags += ["--data-dir", fashion_mnist_root(tmp_path / "data")]
+    code, out, _ = train(capsys, *flags)
+    assert code == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {name: config[name] for name in RECIPES[recipe] if name != "epochs"} == \
+        {name: value for name, value in RECIPES[recipe].items() if name != "epochs"}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dataset"] == dataset and summary["recipe"] == recipe
+    assert 0 < summary["train_seconds"] < summary["seconds_this_session"]
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Learning, not chance: the loss falls epoch after epoch and the test accuracy leaves 10%.
+    losses = [record["train_loss"] for record in history]
+    assert losses == sorted(losses, reverse=True) and summary["test_accuracy"] > 0.2, (losses, summary)
+
+
+def test_configs_saved_before_the_new_settings_still_load():
+    """A config.json from before label smoothing and the affine ranges existed lacks those keys:
+    it loads, and they take the values that reproduce the old behaviour."""
+    old = {name: value for name, value in dataclasses.asdict(make_config("default")).items()
+           if name not in NEW_SETTINGS}
+    config = make_config("default", base=old)
+    assert all(getattr(config, name) == 0 for name in NEW_SETTINGS) and config.nesterov is False
+
+
+NEW_SETTINGS = ("label_smoothing", "affine_degrees", "affine_translate", "affine_scale", "affine_shear",
+                "nesterov")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -154,7 +212,8 @@ BAD_FLAGS = [
     (["--valid-size", "1"], "--valid-size"),
     (["--backend", "cuda"], "--backend"),
     (["--epochs", "three"], "--epochs"),
-    (["--momentum", "0.5"], "--momentum"),
+    (["--momentum", "0.5", "--optimizer", "adam"], "--momentum"),
+    (["--nesterov", "--optimizer", "adam"], "--nesterov"),
     (["--dataset", "mnist", "--no-download", "--data-dir", "{tmp}/missing"], "missing"),
     (["--resume", "{tmp}/nothing.npz"], "does not exist"),
 ]
@@ -323,15 +382,47 @@ def test_one_cycle_schedule_matches_torch():
 
 
 @needs_torch
-def test_reference_train_follows_the_same_trajectory(capsys, tmp_path):
-    """Same batches, same initial weights, torch-exact optimiser: in float64 the NumPy and the torch
-    runs end at the same weights to round-off."""
+@pytest.mark.parametrize("recipe", ["default", "speedrun", "seed"])
+def test_reference_train_follows_the_same_trajectory(capsys, tmp_path, recipe):
+    """Same batches, same initial weights, torch-exact optimiser and loss (label smoothing
+    included): in float64 the NumPy and the torch runs end at the same weights to round-off."""
     from reference.train import main as reference_main
 
-    flags = [*TINY, "--epochs", "1", "--dtype", "float64", "--backend", "numpy"]
+    flags = ["--recipe", recipe, *TINY, "--epochs", "1", "--dtype", "float64", "--backend", "numpy"]
     assert train(capsys, *flags, "--out", tmp_path / "ours")[0] == 0
     assert reference_main([*flags, "--out", str(tmp_path / "torch")]) == 0
     ours, theirs = arrays(tmp_path / "ours" / "last.npz"), arrays(tmp_path / "torch" / "last.npz")
     for name in (k for k in ours if k.startswith(("model/", "optimizer/"))):
         scale = max(np.abs(theirs[name]).max(), 1e-30)
         assert np.abs(ours[name] - theirs[name]).max() / scale < 1e-9, name
+
+
+@needs_torch
+def test_validation_loss_is_the_label_smoothed_objective(capsys, tmp_path):
+    """With label smoothing the model is selected on the training objective: each epoch's
+    valid_loss equals torch's CrossEntropyLoss(label_smoothing=0.1) of that epoch's weights on the
+    validation images, prepared by torchvision (Pad(2), ToTensor, Normalize)."""
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from numpylenet.data import load_mnist, split_train_valid
+    from reference.lenet import LeNet
+
+    flags = ["--recipe", "speedrun", "--dataset", "mnist-sample", "--limit-train", "512", "--epochs", "1",
+             "--no-download", "--out", tmp_path]
+    assert train(capsys, *flags)[0] == 0
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    images, labels = load_mnist(dataset="mnist-sample")
+    _, valid = split_train_valid(len(images), 0.1, seed=0)
+    prepare = T.Compose([T.Pad(2), T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
+    x = torch.stack([prepare(Image.fromarray(image)) for image in images[valid]])
+    model = LeNet()
+    weights = load_checkpoint(tmp_path / "last.npz").model
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()})
+    with torch.no_grad():
+        logits = model(x)
+    smoothed = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, torch.from_numpy(labels[valid])).item()
+    plain = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels[valid])).item()
+    assert history[-1]["valid_loss"] == pytest.approx(smoothed, rel=1e-4)
+    assert abs(smoothed - plain) > 1e-2     # the two really differ, so the check can tell them apart
