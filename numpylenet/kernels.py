@@ -466,10 +466,14 @@ def conv1_forward(x, conv1, codes, y, pooled):
     The same numbers as Conv2d's ``Y = W_mat @ cols + bias``, with each column of cols read from
     the image where it lies. Any image size H x W and any channel count C.
 
-    x : (N, 1, H, W);  conv1 : (weight (C, 25) in torch's (i, j) order, bias (C,));
-    codes : :class:`Codes`;  y : (N, C, OH, W), C-contiguous, OH = H - 4, valid for
-    ow < OW = W - 4 (see above; its last four entries, past the last window, are set to 0);
-    pooled : (N, OH // 2, OW // 2, C).
+    Parameters
+    ----------
+    x : ndarray, shape (N, 1, H, W)
+    conv1 : (weight, bias), shapes (C, 25) in torch's (i, j) order and (C,)
+    codes : Codes
+    y : ndarray, shape (N, C, OH, W), C-contiguous, OH = H - 4; written. Valid for
+        ow < OW = W - 4 (see above); its last four entries, past the last window, are set to 0.
+    pooled : ndarray, shape (N, OH // 2, OW // 2, C), channels-last; written.
     """
     weight, bias = conv1
     activation, pool = codes
@@ -518,10 +522,17 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
 
     Conv2d's ``dW = dY @ cols^T`` and ``dx = col2im(W^T @ dY)``, with cols read from the image.
 
-    grad_pooled : (N, OH // 2, OW // 2, C);  x : (N, 1, H, W);  y : (N, C, OH, W) as
-    conv1_forward stored it;  conv1 : (weight (C, 25), bias);  codes : :class:`Codes`;
-    grad_conv1 : (grad_weight (C, 25), grad_bias (C,)), added to;  grad_z : (C, OH, W) scratch;
-    grad_x : (N, 1, H, W), overwritten if input_grad.
+    Parameters
+    ----------
+    grad_pooled : ndarray, shape (N, OH // 2, OW // 2, C), channels-last: dL/d(pooled)
+    x : ndarray, shape (N, 1, H, W), the input conv1_forward saw
+    y : ndarray, shape (N, C, OH, W), as conv1_forward stored it
+    conv1 : (weight, bias), shapes (C, 25) and (C,)
+    codes : Codes
+    grad_conv1 : (grad_weight, grad_bias), shapes (C, 25) and (C,); added to.
+    grad_z : ndarray, shape (C, OH, W); scratch (dL/dz of one image).
+    grad_x : ndarray, shape (N, 1, H, W); overwritten with dL/dx if ``input_grad``.
+    input_grad : bool
     """
     weight = conv1[0]
     grad_weight, grad_bias = grad_conv1
@@ -573,10 +584,16 @@ def conv2_forward(x, conv2, codes, cols, y, pooled):
 
     Conv2d's ``Y = W_mat @ cols + bias`` transposed, so that its rows are output pixels.
 
-    x : (N, H, W, C_in) channels-last;  conv2 : (weight (C_out, kh kw C_in) in (i, j, c) order
-    (:func:`permute_conv_weight`), bias (C_out,));  codes : :class:`Codes`;  cols : 1-D scratch of
-    at least N OH OW kh kw C_in;  y : (N, OH, OW, C_out);  pooled : (N, C_out, OH // 2, OW // 2)
-    in torch's (c, h, w) order (conv3 reads it as it stands).
+    Parameters
+    ----------
+    x : ndarray, shape (N, H, W, C_in), channels-last
+    conv2 : (weight, bias), shapes (C_out, kh kw C_in) in (i, j, c) order (see
+        :func:`permute_conv_weight`) and (C_out,)
+    codes : Codes
+    cols : ndarray, 1-D, at least N OH OW kh kw C_in entries; scratch.
+    y : ndarray, shape (N, OH, OW, C_out), channels-last; written.
+    pooled : ndarray, shape (N, C_out, OH // 2, OW // 2), torch's (c, h, w) order (conv3 reads it
+        as it stands); written.
     """
     weight, bias = conv2
     activation, pool = codes
@@ -598,10 +615,18 @@ def conv2_backward(grad_pooled, x, y, conv2, codes, grad_conv2, cols, grad_z, gr
         dZ = pooling backward of grad_pooled, times f'    (N OH OW, C_out)
         db += sum over rows of dZ;   dW += dZ^T @ cols;   dcols = dZ @ W;   dx = col2im(dcols)
 
-    grad_pooled : (N, C_out, OH // 2, OW // 2);  x, y, cols : as conv2_forward had them (cols is
-    recomputed from x);  conv2 : (weight (C_out, kh kw C_in) in (i, j, c) order, bias);
-    codes : :class:`Codes`;  grad_conv2 : (grad_weight in (i, j, c) order, grad_bias), added to;
-    grad_z : (N, OH, OW, C_out) scratch;  grad_x : (N, H, W, C_in), overwritten.
+    Parameters
+    ----------
+    grad_pooled : ndarray, shape (N, C_out, OH // 2, OW // 2): dL/d(pooled)
+    x : ndarray, shape (N, H, W, C_in), the input conv2_forward saw
+    y : ndarray, shape (N, OH, OW, C_out), as conv2_forward stored it
+    conv2 : (weight, bias), as in conv2_forward
+    codes : Codes
+    grad_conv2 : (grad_weight, grad_bias), shapes (C_out, kh kw C_in) in (i, j, c) order and
+        (C_out,); added to.
+    cols : ndarray, 1-D, as in conv2_forward; scratch (recomputed from x).
+    grad_z : ndarray, shape (N, OH, OW, C_out); scratch (dL/dZ).
+    grad_x : ndarray, shape (N, H, W, C_in); overwritten with dL/dx.
     """
     weight = conv2[0]
     grad_weight, grad_bias = grad_conv2
@@ -632,7 +657,12 @@ def dense_forward(x, layer, activation, y):
     conv3 runs here too: its 5x5 kernel covers its whole 5x5 input, so :class:`Conv2d`'s im2col
     has one column per image, the flattened input, and the convolution is this product.
 
-    x : (N, in);  layer : (weight (out, in), bias (out,));  y : (N, out).
+    Parameters
+    ----------
+    x : ndarray, shape (N, in)
+    layer : (weight, bias), shapes (out, in) and (out,)
+    activation : int, an activation code, or IDENTITY
+    y : ndarray, shape (N, out); written.
     """
     weight, bias = layer
     gemm(x, weight, y, False, True)
@@ -647,8 +677,15 @@ def dense_backward(grad_y, x, y, layer, activation, grad_layer, grad_x):
         dZ = dY * f'(z), in place in grad_y (f' from y = f(z); skipped for IDENTITY)
         dW += dZ^T @ x;   db += sum_n dZ;   dx = dZ @ W
 
-    grad_y, y : (N, out);  x : (N, in);  layer : (weight (out, in), bias);
-    grad_layer : (grad_weight (out, in), grad_bias (out,)), added to;  grad_x : (N, in), overwritten.
+    Parameters
+    ----------
+    grad_y : ndarray, shape (N, out): dL/dy on entry, dL/dz on return
+    x : ndarray, shape (N, in), the input dense_forward saw
+    y : ndarray, shape (N, out), as dense_forward wrote it
+    layer : (weight, bias), shapes (out, in) and (out,)
+    activation : int, as in dense_forward
+    grad_layer : (grad_weight, grad_bias), shapes (out, in) and (out,); added to.
+    grad_x : ndarray, shape (N, in); overwritten with dL/dx.
     """
     weight = layer[0]
     grad_weight, grad_bias = grad_layer
@@ -775,8 +812,14 @@ def lenet_forward(flat_params, codes, work):
     """:meth:`numpylenet.LeNet5.forward`: logits ``work.logits`` (N, 10) for the images ``work.x``
     (N, 1, 32, 32), storing in ``work`` every activation the backward pass needs.
 
-    flat_params : the model's flat parameter buffer (NUM_PARAMETERS,);  codes : :class:`Codes`;
-    work : :func:`make_workspace`'s, for N images and T threads.
+    Each thread t takes images lo:hi and runs conv1 and conv2 on them SUB_BATCH images at a time,
+    then conv3, fc1 and fc2 on all of them (:func:`_forward_images`).
+
+    Parameters
+    ----------
+    flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
+    codes : Codes
+    work : Workspace, :func:`make_workspace`'s for N images and T threads
     """
     n_images, threads = work.x.shape[0], work.cols2.shape[0]
     permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
@@ -818,9 +861,18 @@ def lenet_backward(flat_params, flat_grad, codes, work, input_grad):
     """:meth:`numpylenet.LeNet5.backward` from dL/dlogits ``work.grad_logits`` (N, 10), using
     what :func:`lenet_forward` stored in ``work``.
 
-    Adds dL/dW to ``flat_grad`` (NUM_PARAMETERS,) and, if ``input_grad``, writes dL/dx into
-    ``work.grad_x`` (N, 1, 32, 32). Each thread adds its images' dL/dW into its own zeroed
-    ``work.grads[t]``; their sum is added into flat_grad at the end.
+    Adds dL/dW to ``flat_grad`` and, if ``input_grad``, writes dL/dx into ``work.grad_x``. Each
+    thread runs fc2, fc1 and conv3 backward on its images, then conv2 and conv1 backward SUB_BATCH
+    images at a time (:func:`_backward_images`), adding their dL/dW into its own zeroed
+    ``work.grads[t]``; the threads' sum is added into flat_grad at the end.
+
+    Parameters
+    ----------
+    flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
+    flat_grad : ndarray, shape (NUM_PARAMETERS,), the model's flat gradient; added to.
+    codes : Codes
+    work : Workspace, as lenet_forward left it, with ``work.grad_logits`` (N, 10) = dL/dlogits
+    input_grad : bool
     """
     n_images, threads = work.x.shape[0], work.cols2.shape[0]
     permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
