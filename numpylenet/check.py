@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import NumbaLeNet5, numba_unavailable_reason
+from .backend import numba_unavailable_reason
 from .compare import (HEADER, Comparison, layer_vs_finite_differences, layer_vs_torch,
                       lenet5_vs_finite_differences, lenet5_vs_torch, loss_vs_finite_differences,
                       loss_vs_torch, optimizer_vs_formula, optimizer_vs_torch, torch_dtype, torch_lenet5)
@@ -218,6 +218,8 @@ def prepare_numba(dtypes: Sequence[str]) -> None:
     notice = threading.Timer(COMPILE_NOTICE_AFTER, lambda: print(
         "numba: compiling the kernels, which are not in Numba's cache yet (once: a minute or two) ...",
         flush=True))
+    from .engine import NumbaLeNet5     # here: checking the numpy backend needs no Numba
+
     started = time.perf_counter()
     notice.start()
     try:

@@ -11,7 +11,8 @@
 Exit statuses: 0 done, 1 training diverged, 2 bad command line, data, checkpoint or output folder,
 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM).
 
-This module imports only the standard library at load time, so ``--help`` stays instant.
+This module imports only the standard library and numpylenet.backend (which importing the package
+has loaded already) at load time, so ``--help`` stays instant.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from .backend import available_cores  # noqa: F401  (re-exported: train and evaluate use it from here)
 from .names import BACKEND_NAMES
 
 __all__ = ["OneLineErrorParser", "RunError", "run_tool", "positive_int", "non_negative_int",
@@ -117,14 +119,6 @@ def add_backend_argument(group, help_text: str = "compute backend [default: $NUM
 def load_error_text(error: BaseException) -> str:
     """A data-loading error as one line (download errors list mirrors over several lines)."""
     return " ".join(str(error).split())
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, which containers narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:   # not on Linux
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------------

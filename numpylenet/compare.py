@@ -202,7 +202,9 @@ def layer_vs_torch(make_ours: Callable, make_torch: Callable, input_shape: tuple
         what torch's accumulating ``.grad`` holds.
 
     Compared: the output y, grad_input = dL/dx for L = sum(y * upstream) and dL/dp for every
-    parameter p, as relative errors against ``TOLERANCE[dtype]``.
+    parameter p, as relative errors against ``TOLERANCE[dtype]``. The array our layer's forward
+    saw is overwritten with NaN before its backward pass, which must therefore keep (a copy of)
+    whatever it needs.
     """
     import torch
 
@@ -220,8 +222,12 @@ def layer_vs_torch(make_ours: Callable, make_torch: Callable, input_shape: tuple
         suffix = f"[{index}]" if passes > 1 else ""
         x = (scale * rng.standard_normal(input_shape)).astype(dtype)
         x_torch = torch.from_numpy(x.copy()).requires_grad_()
-        # A copy: a layer that wrote into its input must not be able to hide it from the comparison.
-        y = ours.forward(x.copy())
+        # Ours gets a copy (a layer that wrote into its input must not hide it from the comparison),
+        # overwritten with NaN after forward: backward must not depend on the caller keeping x.
+        # (y is copied first: an output may be a view of the input, as Flatten's is, and torch's.)
+        x_ours = x.copy()
+        y = ours.forward(x_ours).copy()
+        x_ours[...] = np.nan
         y_torch = reference(x_torch)
         upstream = rng.standard_normal(y.shape).astype(dtype)
         grad_input = ours.backward(upstream.copy())

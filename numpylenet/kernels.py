@@ -1,8 +1,40 @@
-"""Numba kernels that run the whole LeNet-5 fused, on every core, with BLAS for the matrix products.
+"""Numba kernels: LeNet-5's layers fused and run on every core, with BLAS for the matrix products.
 
 The NumPy layers (:mod:`numpylenet.layers`) are the readable reference: one layer at a time, NCHW,
 each a forward/backward pair. This module computes the same numbers faster by changing *where*
-the work happens, never *what* is computed:
+the work happens, never *what* is computed. Each layer of the network has its pair here too:
+
+<!-- table: kernels -->
+| layer | NumPy (`numpylenet.`) | Numba kernels (here) | layout here | fused in |
+|---|---|---|---|---|
+| conv1 | `layers.Conv2d` | `conv1_forward`, `conv1_backward` | out (N, 6, 28, 32) [1] | act, pool1 [2] |
+| conv2 | `layers.Conv2d` | `conv2_forward`, `conv2_backward` | NHWC, cols (i, j, c) [3] | act, pool2 |
+| conv3 | `layers.Conv2d` | `dense_forward`, `dense_backward` | (N, 400) -> (N, 120) [4] | act |
+| fc1 | `layers.Linear` | `dense_forward`, `dense_backward` | (N, 120) -> (N, 84) | act |
+| fc2 | `layers.Linear` | `dense_forward`, `dense_backward` | (N, 84) -> (N, 10) | |
+| act | `layers.ReLU`, `layers.Tanh`, `layers.Sigmoid` | `bias_activation`, `activation_backward` | in place | |
+| pool | `layers.AvgPool2d`, `layers.MaxPool2d` | `pool_forward`, `pool_activation_backward` | NHWC | |
+| flatten | `layers.Flatten` | none [5] | | |
+| loss | `loss.softmax_cross_entropy` | none: NumPy on both backends | | |
+| network | `model.LeNet5.forward`, `model.LeNet5.backward` | `lenet_forward`, `lenet_backward` | [6] | all |
+| Adam | `optim.Adam.step` | `adam_step` | flat buffer | all ten |
+| SGD | `optim.SGD.step` | `sgd_step` | flat buffer | all ten |
+
+[1] conv1's output in the rows of its input x (N, 1, 32, 32): 32 wide, of which 28 are outputs; its
+pooled output (N, 14, 14, 6) channels-last. [2] No im2col: each output is summed where it stands
+in the image. [3] Channels-last (NHWC) activations; conv2's im2col matrix (4 x 100, 150) per
+sub-batch of 4 images, against its weight reordered (i, j, c); its pooled output (N, 16, 5, 5) in
+torch's (c, h, w) order. [4] conv3's 5x5 kernel covers its whole 5x5 input: one window, so im2col
+would only copy, and the convolution is a dense layer on the 400 flattened inputs. [5] pool2 is
+stored in torch's order, so it is conv3's (N, 400) input as it stands. [6] One slice of the batch
+per thread, carried through every layer `SUB_BATCH` images at a time; one parallel region per pass.
+
+The activation (any of three) and the pooling (either) are chosen at run time by :class:`Codes`
+and run inside the layer kernel before them. So a layer's forward kernel returns its output after
+activation (and pooling), and its backward kernel takes dL/d(that output) and applies the pooling's
+and the activation's backward first.
+
+How the work is placed:
 
 * **One pass per thread.** The batch is split into one contiguous slice of images per thread
   (``prange``); each thread carries its images through every layer, so there is one parallel
@@ -17,35 +49,40 @@ the work happens, never *what* is computed:
   transposes. conv2 unfolds channels-last (:func:`im2col_channels_last`) against its weights
   reordered to (i, j, c) once per pass.
 * **conv1 without im2col.** With one input channel, im2col would copy every pixel 25 times to
-  feed products with only six rows; :func:`conv_single_channel_forward` sums each output where
-  it stands, with bias, activation and pooling in the same pass, and
-  :func:`conv_single_channel_backward` forms dL/dW and dL/dx from the image in place.
-* **Fused pointwise work.** Bias + activation run on the product as it leaves BLAS; the pooling
-  backward and the activation derivative are one pass. The optimisers update the flat parameter
-  buffer in one parallel loop.
+  feed products with only six rows; :func:`conv1_forward` sums each output where it stands, with
+  bias, activation and pooling in the same pass, and :func:`conv1_backward` forms dL/dW and
+  dL/dx from the image in place.
+* **Named work buffers.** Every array the two passes write lives in one :class:`Workspace`, built
+  by :func:`make_workspace` for a batch size and a thread count; every size in it follows from
+  :data:`PARAMETER_SHAPES`.
 
-Every kernel is compiled with ``cache=True``; :func:`warmup` compiles (or loads) them all and
-returns the seconds it took.
+Every kernel is compiled with ``cache=True`` and NumPy's error model; the pointwise, pooling and
+conv1 kernels also with ``fastmath``, which lets LLVM vectorise them by assuming that no value is
+NaN or infinite. On such values these kernels therefore follow no rule: where the NumPy layers
+route gradients at NaN exactly as torch does (ReLU passes it, max pooling picks the last NaN), the
+kernels' choice is unspecified. A NaN there means training has already diverged, and the trainer
+stops at the first non-finite loss. Importing this module compiles nothing and starts no threads:
+:mod:`numpylenet.engine` starts Numba's thread pool when the first engine is built, and
+:func:`numpylenet.engine.warmup` compiles (or loads) every kernel.
 """
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
-import time
+from typing import NamedTuple
 
+import llvmlite.binding as llvm
 import numpy as np
 from numba import njit, prange, types
-import llvmlite.binding as llvm
+
+from .blas import LIBRARY, gemm_address
 
 __all__ = [
-    "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
-    "PARAMETER_SHAPES", "SUB_BATCH", "BLAS_LIBRARY",
-    "NUM_PARAMETERS", "kernel", "gemm", "im2col_channels_last",
-    "col2im_channels_last", "permute_conv_weight", "add_unpermuted_conv_weight", "bias_activation",
-    "activate_in_place", "activation_backward", "conv_single_channel_forward",
-    "conv_single_channel_backward", "pool_forward", "pool_activation_backward", "lenet_forward",
-    "lenet_backward", "adam_step", "sgd_step", "blas_threads", "set_blas_threads", "warmup",
+    "kernel", "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
+    "Codes", "PARAMETER_SHAPES", "NUM_PARAMETERS", "KERNEL", "POOL", "SUB_BATCH", "gemm",
+    "im2col_channels_last", "col2im_channels_last", "permute_conv_weight",
+    "add_unpermuted_conv_weight", "bias_activation", "activate_in_place", "activation_backward",
+    "pool_forward", "pool_activation_backward", "conv1_forward", "conv1_backward", "conv2_forward",
+    "conv2_backward", "dense_forward", "dense_backward", "Parameters", "parameter_views",
+    "Workspace", "make_workspace", "lenet_forward", "lenet_backward", "adam_step", "sgd_step",
 ]
 
 
@@ -60,8 +97,20 @@ def kernel(function=None, **options):
 # Activation and pooling codes: Numba kernels branch on small ints, outside their inner loops.
 RELU, TANH, SIGMOID, IDENTITY = 0, 1, 2, 3
 AVG, MAX = 0, 1
+# Keyed by every name of names.ACTIVATION_NAMES and names.POOL_NAMES (tests/test_layout.py checks).
 ACTIVATION_CODES = {"relu": RELU, "tanh": TANH, "sigmoid": SIGMOID}
 POOL_CODES = {"avg": AVG, "max": MAX}
+
+
+class Codes(NamedTuple):
+    """The activation and the pooling of a network, as the kernels branch on them."""
+    activation: int     # RELU, TANH or SIGMOID
+    pool: int           # AVG or MAX
+
+
+# --------------------------------------------------------------------------------------------
+# LeNet-5's shapes: every size below follows from these
+# --------------------------------------------------------------------------------------------
 
 # LeNet-5's parameters in torch's named order, as they sit in the model's flat buffer.
 PARAMETER_SHAPES = (
@@ -71,11 +120,30 @@ PARAMETER_SHAPES = (
     ("fc1.weight", (84, 120)), ("fc1.bias", (84,)),
     ("fc2.weight", (10, 84)), ("fc2.bias", (10,)),
 )
+_SHAPE = dict(PARAMETER_SHAPES)
 _SIZES = tuple(int(np.prod(shape)) for _, shape in PARAMETER_SHAPES)
 _OFFSETS = tuple(int(o) for o in np.concatenate([[0], np.cumsum(_SIZES)]))
-NUM_PARAMETERS = _OFFSETS[-1]
-KERNEL = 5          # every LeNet-5 convolution is 5x5, stride 1, no padding
-POOL = 2            # every pooling window is 2x2, stride 2
+NUM_PARAMETERS = _OFFSETS[-1]                       # 61,706
+# Each weight as the kernels use it: conv weights (C_out, C_in kh kw), in torch's (c, i, j) order.
+_WEIGHT_MATRICES = tuple((shape[0], int(np.prod(shape[1:]))) for name, shape in PARAMETER_SHAPES
+                         if name.endswith(".weight"))
+
+KERNEL = _SHAPE["conv1.weight"][-1]                 # 5: every convolution is 5x5, stride 1, no padding
+KERNEL_AREA = KERNEL * KERNEL
+POOL = 2                                            # every pooling window is 2x2, stride 2
+POOL_WINDOW = (POOL, POOL)
+CONV1_CHANNELS = _SHAPE["conv1.weight"][0]          # 6
+CONV2_CHANNELS = _SHAPE["conv2.weight"][0]          # 16
+CONV3_CHANNELS = _SHAPE["conv3.weight"][0]          # 120
+FC1_FEATURES = _SHAPE["fc1.weight"][0]              # 84
+NUM_CLASSES = _SHAPE["fc2.weight"][0]               # 10
+# The side lengths, back from conv3, whose kernel covers its whole input: one 5x5 window.
+POOL2_SIZE = KERNEL                                 # 5
+CONV2_SIZE = POOL2_SIZE * POOL                      # 10
+POOL1_SIZE = CONV2_SIZE + KERNEL - 1                # 14
+CONV1_SIZE = POOL1_SIZE * POOL                      # 28
+INPUT_SIZE = CONV1_SIZE + KERNEL - 1                # 32
+CONV2_COLUMNS = KERNEL_AREA * CONV1_CHANNELS        # 150: a row of conv2's im2col matrix
 # Images per im2col sub-batch: conv2's cols (SUB_BATCH * 100, 150) then take 240 KB in float32 and
 # stay in a 512 KB L2 cache, with the sub-batch's activations beside them.
 SUB_BATCH = 4
@@ -85,98 +153,22 @@ SUB_BATCH = 4
 # BLAS: NumPy's own ?gemm, called from inside Numba
 # --------------------------------------------------------------------------------------------
 
-def _find_blas():
-    """Open the OpenBLAS that NumPy's wheel bundles and return (library, symbol prefix), or None.
-
-    NumPy's wheels ship OpenBLAS with 64-bit integers and prefixed names (``scipy_cblas_sgemm64_``);
-    a build against a system OpenBLAS exports ``cblas_sgemm64_``. If neither is found (NumPy built
-    on MKL or Accelerate), ``BLAS_LIBRARY`` is None and the numba backend is unavailable.
-    """
-    numpy_dir = os.path.dirname(np.__file__)
-    candidates = []
-    for folder in (os.path.join(numpy_dir, os.pardir, "numpy.libs"), os.path.join(numpy_dir, ".dylibs")):
-        candidates += sorted(glob.glob(os.path.join(folder, "*openblas*")))
-    for path in candidates:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_", "64_"), ("", "64_")):
-            if hasattr(library, f"{prefix}cblas_sgemm{suffix}") and hasattr(library, f"{prefix}cblas_dgemm{suffix}"):
-                return library, path, prefix, suffix
-    return None
-
-
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
-_GEMM_ARGS = lambda real: (types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
-                           real, types.intp, types.int64, types.intp, types.int64, real, types.intp,
-                           types.int64)
 
 
-_blas = _find_blas()
-if _blas is not None:
-    _library, BLAS_LIBRARY, _prefix, _suffix = _blas
+def _gemm_signature(real):
+    """cblas_?gemm's C signature for the float type ``real``:
+    (order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), 64-bit integers."""
+    return types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
+                      real, types.intp, types.int64, types.intp, types.int64, real, types.intp,
+                      types.int64)
+
+
+if LIBRARY is not None:       # else the numba backend is unavailable (see numpylenet.backend)
     for _letter in "sd":
-        llvm.add_symbol(f"numpylenet_{_letter}gemm",
-                        ctypes.cast(getattr(_library, f"{_prefix}cblas_{_letter}gemm{_suffix}"),
-                                    ctypes.c_void_p).value)
-else:
-    BLAS_LIBRARY = None
-
-_sgemm = types.ExternalFunction("numpylenet_sgemm", types.void(*_GEMM_ARGS(types.float32)))
-_dgemm = types.ExternalFunction("numpylenet_dgemm", types.void(*_GEMM_ARGS(types.float64)))
-
-
-def _threads_function(kind: str):
-    if _blas is None:
-        return None
-    name = f"{_prefix}openblas_{kind}_num_threads{_suffix}"
-    return getattr(_library, name, None)
-
-
-_get_threads, _set_threads = _threads_function("get"), _threads_function("set")
-if _set_threads is not None:
-    _set_threads.argtypes, _get_threads.restype = [ctypes.c_int], ctypes.c_int
-
-
-def blas_threads() -> int | None:
-    """The number of threads NumPy's OpenBLAS uses, or None if it cannot be queried."""
-    return None if _get_threads is None else int(_get_threads())
-
-
-def set_blas_threads(count: int) -> None:
-    """Set the number of threads of NumPy's OpenBLAS (a no-op when it cannot be found)."""
-    if _set_threads is not None:
-        _set_threads(int(count))
-
-
-def _start_thread_pool() -> None:
-    """Start Numba's OpenMP thread pool with idle threads spinning about 1 ms before they sleep.
-
-    A thread that runs out of work either spins, ready to start the next parallel region at
-    once, or sleeps and must be woken by the kernel. Measured on this 2-core VM: waking a
-    sleeping thread costs ~110 us per region (OMP_WAIT_POLICY=PASSIVE), four times per training
-    step, and a 2-epoch run trained at 11,400 img/s; spinning for 100,000 rounds (libgomp's
-    estimate: 1 ms) it ran at 13,300 img/s, the next region usually arriving within that time.
-    libgomp's default, 3 ms, and the active policy, 5 minutes, are worse on a shared machine:
-    the spinning steals the core that another process or our last working thread needs.
-    libgomp reads ``GOMP_SPINCOUNT`` when it loads, so it is set only around starting Numba's
-    pool and reaches no other library (torch bundles its own libgomp). A user's own
-    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is left to take effect instead.
-    """
-    import numba.np.ufunc.parallel as numba_parallel
-
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        numba_parallel._launch_threads()
-        return
-    os.environ["GOMP_SPINCOUNT"] = "100000"
-    try:
-        numba_parallel._launch_threads()
-    finally:
-        del os.environ["GOMP_SPINCOUNT"]
-
-
-_start_thread_pool()
+        llvm.add_symbol(f"numpylenet_{_letter}gemm", gemm_address(_letter))
+_sgemm = types.ExternalFunction("numpylenet_sgemm", _gemm_signature(types.float32))
+_dgemm = types.ExternalFunction("numpylenet_dgemm", _gemm_signature(types.float64))
 
 
 @kernel
@@ -224,6 +216,7 @@ def im2col_channels_last(x, kernel_h, kernel_w, cols):
     kw C values of one window row are contiguous, so a row of ``cols`` is kh contiguous copies.
     The matching weight matrix is ``weight.transpose(0, 2, 3, 1).reshape(C_out, kh kw C)``
     (:func:`permute_conv_weight`), and ``cols @ W^T`` is the convolution, (N OH OW, C_out).
+    The channels-last counterpart of :func:`numpylenet.layers.im2col`.
 
     x : (N, H, W, C), C-contiguous;  cols : (N OH OW, kh kw C), C-contiguous.
     """
@@ -286,7 +279,7 @@ def add_unpermuted_conv_weight(permuted, kernel_area, weight):
 
 
 # --------------------------------------------------------------------------------------------
-# Pointwise: bias + activation, activation derivative
+# Pointwise: bias + activation, activation derivative (layers.ReLU, Tanh, Sigmoid)
 # --------------------------------------------------------------------------------------------
 
 @kernel
@@ -320,7 +313,10 @@ def activate_in_place(values, activation):
 
 @kernel(fastmath=True)
 def bias_activation(z, bias, activation):
-    """In place: z[r, c] = f(z[r, c] + bias[c]) for z (R, C), f given by its code."""
+    """In place: z[r, c] = f(z[r, c] + bias[c]) for z (R, C), f given by its code.
+
+    The forward pass of :class:`numpylenet.layers.ReLU` / ``Tanh`` / ``Sigmoid``, fused with the
+    bias of the layer before."""
     rows, channels = z.shape
     one = z.dtype.type(1)
     for r in range(rows):
@@ -344,7 +340,9 @@ def _derivative(y, activation, one):
 
 @kernel(fastmath=True)
 def activation_backward(grad, y, activation):
-    """In place: grad *= f'(x) for 2-D grad and y = f(x) of the same shape."""
+    """In place: grad *= f'(x) for 2-D grad and y = f(x) of the same shape.
+
+    The backward pass of :class:`numpylenet.layers.ReLU` / ``Tanh`` / ``Sigmoid``."""
     rows, columns = grad.shape
     one = grad.dtype.type(1)
     for r in range(rows):
@@ -353,16 +351,19 @@ def activation_backward(grad, y, activation):
 
 
 # --------------------------------------------------------------------------------------------
-# Pooling, channels-last, non-overlapping windows (torch: stride = kernel, floor mode)
+# Pooling, channels-last, non-overlapping windows (layers.AvgPool2d, MaxPool2d; torch: stride =
+# kernel, floor mode)
 # --------------------------------------------------------------------------------------------
 
 @kernel(fastmath=True)
-def pool_forward(y, pool, kernel_h, kernel_w, out):
+def pool_forward(y, pool, window, out):
     """out[n, oh, ow, c] = mean or max of y[n, oh kh + i, ow kw + j, c] over the window.
 
-    y : (N, H, W, C);  out : (N, H // kh, W // kw, C), any strides. The channel loop is innermost,
-    over contiguous memory, so it vectorises.
+    The forward pass of :class:`numpylenet.layers.AvgPool2d` / ``MaxPool2d`` with stride = window.
+    y : (N, H, W, C);  window : (kh, kw);  out : (N, H // kh, W // kw, C), any strides. The channel
+    loop is innermost, over contiguous memory, so it vectorises.
     """
+    kernel_h, kernel_w = window
     n_images, _, _, channels = y.shape
     out_h, out_w = out.shape[1], out.shape[2]
     scale = y.dtype.type(1.0 / (kernel_h * kernel_w))
@@ -388,16 +389,20 @@ def pool_forward(y, pool, kernel_h, kernel_w, out):
 
 
 @kernel(fastmath=True)
-def pool_activation_backward(grad_out, y, pool, activation, kernel_h, kernel_w, grad_z):
+def pool_activation_backward(grad_out, y, codes, window, grad_z):
     """dL/dz before activation and pooling, from dL/d(pooled) ``grad_out``.
 
-    Pooling backward: avg gives each pixel of a window grad / (kh kw); max gives the whole
-    gradient to the first pixel (row-major in the window) that holds the maximum, as torch.
+    The backward passes of :class:`numpylenet.layers.AvgPool2d` / ``MaxPool2d``, then of the
+    activation. Pooling backward: avg gives each pixel of a window grad / (kh kw); max gives the
+    whole gradient to the first pixel (row-major in the window) that holds the maximum, as torch.
     Then the activation: grad_z = grad_y * f'(x), with f' computed from y = f(x).
     Pixels outside every window (floor mode) get 0.
 
-    grad_out : (N, OH, OW, C) any strides;  y, grad_z : (N, H, W, C).
+    grad_out : (N, OH, OW, C) any strides;  y, grad_z : (N, H, W, C);  codes : :class:`Codes`;
+    window : (kh, kw).
     """
+    activation, pool = codes
+    kernel_h, kernel_w = window
     n_images, height, width, channels = y.shape
     out_h, out_w = grad_out.shape[1], grad_out.shape[2]
     scale = y.dtype.type(1.0 / (kernel_h * kernel_w))
@@ -428,8 +433,17 @@ def pool_activation_backward(grad_out, y, pool, activation, kernel_h, kernel_w, 
                                     grad * _derivative(best, activation, one) if winner else 0)
 
 
+@kernel(fastmath=True)
+def _add_column_sums(matrix, out):
+    """out[c] += sum_r matrix[r, c]: the bias gradient of a (R, C) output gradient."""
+    rows, columns = matrix.shape
+    for r in range(rows):
+        for c in range(columns):
+            out[c] += matrix[r, c]
+
+
 # --------------------------------------------------------------------------------------------
-# conv1 directly: a one-channel input needs no im2col
+# conv1: the direct convolution of a one-channel image, fused with activation and pooling
 # --------------------------------------------------------------------------------------------
 
 # With one input channel, im2col would copy every pixel 25 times only to feed products with six
@@ -442,16 +456,27 @@ def pool_activation_backward(grad_out, y, pool, activation, kernel_h, kernel_w, 
 
 
 @kernel(fastmath=True)
-def conv_single_channel_forward(x, weight, bias, activation, pool, y, pooled):
-    """conv1's forward pass, fused with its bias, activation and 2x2 pooling::
+def conv1_forward(x, conv1, codes, y, pooled):
+    """conv1's forward pass: :class:`numpylenet.layers.Conv2d` (one input channel, 5x5), then the
+    activation and the 2x2 pooling, in one pass over the image::
 
-        y[n, c, p] = f(b[c] + sum_{i, j} weight[c, (i, j)] x[n, p + i W + j])   (p = oh W + ow)
+        y[n, c, p] = f(b[c] + sum_{i, j} W[c, (i, j)] x[n, p + i W + j])   (p = oh W + ow)
         pooled[n, ph, pw, c] = mean or max of y[n, c, 2 ph + i, 2 pw + j] over i, j in {0, 1}
 
-    x : (N, 1, H, W);  weight : (C, 25), torch's (i, j) order;  bias : (C,);
-    y : (N, C, OH, W), C-contiguous, OH = H - 4, valid for ow < OW = W - 4 (see above; its last
-    four entries, past the last window, are set to 0);  pooled : (N, OH // 2, OW // 2, C).
+    The same numbers as Conv2d's ``Y = W_mat @ cols + bias``, with each column of cols read from
+    the image where it lies. Any image size H x W and any channel count C.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, 1, H, W)
+    conv1 : (weight, bias), shapes (C, 25) in torch's (i, j) order and (C,)
+    codes : Codes
+    y : ndarray, shape (N, C, OH, W), C-contiguous, OH = H - 4; written. Valid for
+        ow < OW = W - 4 (see above); its last four entries, past the last window, are set to 0.
+    pooled : ndarray, shape (N, OH // 2, OW // 2, C), channels-last; written.
     """
+    weight, bias = conv1
+    activation, pool = codes
     n_images, channels, out_h, width = _unsigned_shape(y)
     pooled_h, pooled_w = np.uint64(pooled.shape[1]), np.uint64(pooled.shape[2])
     span = (out_h - _ONE) * width + width - np.uint64(KERNEL - 1)
@@ -487,25 +512,36 @@ def conv_single_channel_forward(x, weight, bias, activation, pool, y, pooled):
 
 
 @kernel(fastmath=True)
-def conv_single_channel_backward(x, weight, y, grad_pooled, activation, pool, grad_weight,
-                                 grad_bias, grad_z, grad_x, input_grad):
-    """conv1's backward pass, from dL/d(pooled) back through pooling, activation and the
-    convolution, in the row layout of :func:`conv_single_channel_forward`::
+def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, input_grad):
+    """conv1's backward pass (:meth:`numpylenet.layers.Conv2d.backward` after the pooling's and the
+    activation's), from dL/d(pooled) in the row layout of :func:`conv1_forward`::
 
         dz = pooling backward of grad_pooled, times f'        (0 at the straddling positions)
         dW[c, (i, j)] += sum_p dz[c, p] x[p + i W + j]        db[c] += sum_p dz[c, p]
         dx[p + i W + j] = sum_{c, p} W[c, (i, j)] dz[c, p]     (only if input_grad)
 
-    x : (N, 1, H, W);  weight, grad_weight : (C, 25);  grad_bias : (C,);  y : (N, C, OH, W) as
-    the forward pass stored it;  grad_pooled : (N, OH // 2, OW // 2, C);  grad_z : (C, OH, W)
-    scratch;  grad_x : (N, 1, H, W), overwritten if input_grad.
+    Conv2d's ``dW = dY @ cols^T`` and ``dx = col2im(W^T @ dY)``, with cols read from the image.
+
+    Parameters
+    ----------
+    grad_pooled : ndarray, shape (N, OH // 2, OW // 2, C), channels-last: dL/d(pooled)
+    x : ndarray, shape (N, 1, H, W), the input conv1_forward saw
+    y : ndarray, shape (N, C, OH, W), as conv1_forward stored it
+    conv1 : (weight, bias), shapes (C, 25) and (C,)
+    codes : Codes
+    grad_conv1 : (grad_weight, grad_bias), shapes (C, 25) and (C,); added to.
+    grad_z : ndarray, shape (C, OH, W); scratch (dL/dz of one image).
+    grad_x : ndarray, shape (N, 1, H, W); overwritten with dL/dx if ``input_grad``.
+    input_grad : bool
     """
+    weight = conv1[0]
+    grad_weight, grad_bias = grad_conv1
     n_images, channels, out_h, width = _unsigned_shape(y)
     span = (out_h - _ONE) * width + width - np.uint64(KERNEL - 1)
     zero = y.dtype.type(0)
     for n in range(n_images):
-        pool_activation_backward(grad_pooled[n:n + 1], y[n:n + 1].transpose(0, 2, 3, 1), pool,
-                                 activation, POOL, POOL, grad_z[np.newaxis].transpose(0, 2, 3, 1))
+        pool_activation_backward(grad_pooled[n:n + 1], y[n:n + 1].transpose(0, 2, 3, 1), codes,
+                                 POOL_WINDOW, grad_z[np.newaxis].transpose(0, 2, 3, 1))
         image = x[n, 0].ravel()
         for c in range(channels):
             dz = grad_z[c].ravel()
@@ -533,147 +569,319 @@ def conv_single_channel_backward(x, weight, y, grad_pooled, activation, pool, gr
                             grad_image[p + tap] += w * dz[p]
 
 
-@kernel(fastmath=True)
-def _add_column_sums(matrix, out):
-    """out[c] += sum_r matrix[r, c]: the bias gradient of a (R, C) output gradient."""
-    rows, columns = matrix.shape
-    for r in range(rows):
-        for c in range(columns):
-            out[c] += matrix[r, c]
-
-
 # --------------------------------------------------------------------------------------------
-# The whole network
+# conv2: channels-last im2col and one matrix product, fused with activation and pooling
 # --------------------------------------------------------------------------------------------
 
 @kernel
-def _unpack(flat):
-    """Views of the ten LeNet-5 parameters inside a flat buffer; conv weights as (C_out, C_in kh kw)."""
-    o = _OFFSETS
-    return (flat[o[0]:o[1]].reshape(6, 25), flat[o[1]:o[2]],
-            flat[o[2]:o[3]].reshape(16, 150), flat[o[3]:o[4]],
-            flat[o[4]:o[5]].reshape(120, 400), flat[o[5]:o[6]],
-            flat[o[6]:o[7]].reshape(84, 120), flat[o[7]:o[8]],
-            flat[o[8]:o[9]].reshape(10, 84), flat[o[9]:o[10]])
+def conv2_forward(x, conv2, codes, cols, y, pooled):
+    """conv2's forward pass: :class:`numpylenet.layers.Conv2d` (5x5) as im2col and one product,
+    then bias + activation on the product and the 2x2 pooling, all channels-last::
+
+        cols = im2col(x)                  (N OH OW, kh kw C_in), rows (n, oh, ow), columns (i, j, c)
+        Z = cols @ W^T                    (N OH OW, C_out): y channels-last as it stands
+        y = f(Z + b);  pooled = mean or max of y over each 2x2 window
+
+    Conv2d's ``Y = W_mat @ cols + bias`` transposed, so that its rows are output pixels.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, H, W, C_in), channels-last
+    conv2 : (weight, bias), shapes (C_out, kh kw C_in) in (i, j, c) order (see
+        :func:`permute_conv_weight`) and (C_out,)
+    codes : Codes
+    cols : ndarray, 1-D, at least N OH OW kh kw C_in entries; scratch.
+    y : ndarray, shape (N, OH, OW, C_out), channels-last; written.
+    pooled : ndarray, shape (N, C_out, OH // 2, OW // 2), torch's (c, h, w) order (conv3 reads it
+        as it stands); written.
+    """
+    weight, bias = conv2
+    activation, pool = codes
+    n_images, out_h, out_w, channels = y.shape
+    rows = n_images * out_h * out_w
+    unfolded = cols[:rows * weight.shape[1]].reshape(rows, weight.shape[1])
+    im2col_channels_last(x, KERNEL, KERNEL, unfolded)
+    z = y.reshape(rows, channels)
+    gemm(unfolded, weight, z, False, True)                 # Z = cols @ W^T
+    bias_activation(z, bias, activation)
+    pool_forward(y, pool, POOL_WINDOW, pooled.transpose(0, 2, 3, 1))
 
 
 @kernel
-def _dense_forward(x, weight, bias, activation, y):
-    """y = f(x @ W^T + b): x (n, in), weight (out, in), y (n, out)."""
+def conv2_backward(grad_pooled, x, y, conv2, codes, grad_conv2, cols, grad_z, grad_x):
+    """conv2's backward pass (:meth:`numpylenet.layers.Conv2d.backward` after the pooling's and
+    the activation's), channels-last as :func:`conv2_forward`::
+
+        dZ = pooling backward of grad_pooled, times f'    (N OH OW, C_out)
+        db += sum over rows of dZ;   dW += dZ^T @ cols;   dcols = dZ @ W;   dx = col2im(dcols)
+
+    Parameters
+    ----------
+    grad_pooled : ndarray, shape (N, C_out, OH // 2, OW // 2): dL/d(pooled)
+    x : ndarray, shape (N, H, W, C_in), the input conv2_forward saw
+    y : ndarray, shape (N, OH, OW, C_out), as conv2_forward stored it
+    conv2 : (weight, bias), as in conv2_forward
+    codes : Codes
+    grad_conv2 : (grad_weight, grad_bias), shapes (C_out, kh kw C_in) in (i, j, c) order and
+        (C_out,); added to.
+    cols : ndarray, 1-D, as in conv2_forward; scratch (recomputed from x).
+    grad_z : ndarray, shape (N, OH, OW, C_out); scratch (dL/dZ).
+    grad_x : ndarray, shape (N, H, W, C_in); overwritten with dL/dx.
+    """
+    weight = conv2[0]
+    grad_weight, grad_bias = grad_conv2
+    n_images, out_h, out_w, channels = y.shape
+    rows = n_images * out_h * out_w
+    pool_activation_backward(grad_pooled.transpose(0, 2, 3, 1), y, codes, POOL_WINDOW, grad_z)
+    dz = grad_z.reshape(rows, channels)
+    _add_column_sums(dz, grad_bias)                        # db += sum over rows of dZ
+    unfolded = cols[:rows * weight.shape[1]].reshape(rows, weight.shape[1])
+    im2col_channels_last(x, KERNEL, KERNEL, unfolded)
+    gemm(dz, unfolded, grad_weight, True, False, 1.0)      # dW += dZ^T @ cols
+    gemm(dz, weight, unfolded, False, False)               # dcols = dZ @ W
+    grad_x[:] = 0
+    col2im_channels_last(unfolded, KERNEL, KERNEL, grad_x)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense layers: conv3 (one window), fc1, fc2
+# --------------------------------------------------------------------------------------------
+
+@kernel
+def dense_forward(x, layer, activation, y):
+    """A dense layer's forward pass, :class:`numpylenet.layers.Linear` then the activation
+    (IDENTITY for fc2)::
+
+        y = f(x @ W^T + b)
+
+    conv3 runs here too: its 5x5 kernel covers its whole 5x5 input, so :class:`Conv2d`'s im2col
+    has one column per image, the flattened input, and the convolution is this product.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, in)
+    layer : (weight, bias), shapes (out, in) and (out,)
+    activation : int, an activation code, or IDENTITY
+    y : ndarray, shape (N, out); written.
+    """
+    weight, bias = layer
     gemm(x, weight, y, False, True)
     bias_activation(y, bias, activation)
 
 
 @kernel
-def _dense_backward(grad_y, x, weight, grad_weight, grad_bias, grad_x):
-    """dW += dY^T @ x, db += sum_n dY, dx = dY @ W:  grad_y (n, out), x (n, in), grad_x (n, in)."""
-    gemm(grad_y, x, grad_weight, True, False, 1.0)
-    _add_column_sums(grad_y, grad_bias)
-    gemm(grad_y, weight, grad_x, False, False)
+def dense_backward(grad_y, x, y, layer, activation, grad_layer, grad_x):
+    """A dense layer's backward pass: the activation's, then :meth:`numpylenet.layers.Linear.backward`
+    (for conv3, :meth:`~numpylenet.layers.Conv2d.backward` on its single window)::
+
+        dZ = dY * f'(z), in place in grad_y (f' from y = f(z); skipped for IDENTITY)
+        dW += dZ^T @ x;   db += sum_n dZ;   dx = dZ @ W
+
+    Parameters
+    ----------
+    grad_y : ndarray, shape (N, out): dL/dy on entry, dL/dz on return
+    x : ndarray, shape (N, in), the input dense_forward saw
+    y : ndarray, shape (N, out), as dense_forward wrote it
+    layer : (weight, bias), shapes (out, in) and (out,)
+    activation : int, as in dense_forward
+    grad_layer : (grad_weight, grad_bias), shapes (out, in) and (out,); added to.
+    grad_x : ndarray, shape (N, in); overwritten with dL/dx.
+    """
+    weight = layer[0]
+    grad_weight, grad_bias = grad_layer
+    if activation != IDENTITY:
+        activation_backward(grad_y, y, activation)
+    gemm(grad_y, x, grad_weight, True, False, 1.0)         # dW += dZ^T @ x
+    _add_column_sums(grad_y, grad_bias)                    # db += sum_n dZ
+    gemm(grad_y, weight, grad_x, False, False)             # dx = dZ @ W
+
+
+# --------------------------------------------------------------------------------------------
+# The work buffers and the parameters, as the kernels see them
+# --------------------------------------------------------------------------------------------
+
+class Parameters(NamedTuple):
+    """The ten parameters, or their gradients, as views into a flat buffer (see
+    :func:`parameter_views`): per layer a (weight, bias) pair, conv weights as matrices."""
+    conv1: tuple    # (6, 25), (6,)
+    conv2: tuple    # (16, 150), (16,): in the kernels, the weight is in (i, j, c) order
+    conv3: tuple    # (120, 400), (120,)
+    fc1: tuple      # (84, 120), (84,)
+    fc2: tuple      # (10, 84), (10,)
 
 
 @kernel
-def _forward_images(x, params, w2, activation, pool, y1, p1, y2, p2, y3, y4, logits, cols2):
-    """:func:`lenet_forward` for one thread's slice of the batch (all arrays sliced to it)."""
-    w1, b1, _, b2, w3, b3, w4, b4, w5, b5 = _unpack(params)
-    n = x.shape[0]
-    for start in range(0, n, SUB_BATCH):
-        stop = min(start + SUB_BATCH, n)
-        rows2 = (stop - start) * 100
-        conv_single_channel_forward(x[start:stop], w1, b1, activation, pool, y1[start:stop],
-                                    p1[start:stop])
-        # conv2: channels-last cols (rows2, 150) against the (i, j, c)-ordered weights.
-        window2 = cols2[:rows2 * 150].reshape(rows2, 150)
-        im2col_channels_last(p1[start:stop], KERNEL, KERNEL, window2)
-        z2 = y2[start:stop].reshape(rows2, 16)
-        gemm(window2, w2, z2, False, True)
-        bias_activation(z2, b2, activation)
-        pool_forward(y2[start:stop], pool, POOL, POOL, p2[start:stop].transpose(0, 2, 3, 1))
-    _dense_forward(p2.reshape(n, 400), w3, b3, activation, y3)      # conv3 on a 5x5 input
-    _dense_forward(y3, w4, b4, activation, y4)
-    _dense_forward(y4, w5, b5, IDENTITY, logits)
-
-
-@kernel(parallel=True)
-def lenet_forward(x, params, activation, pool, w2, y1, p1, y2, p2, y3, y4, logits, cols2):
-    """LeNet-5's forward pass for a batch, storing what the backward pass needs.
-
-    x (N, 1, 32, 32);  params: the flat parameter buffer (61,706,).
-    Outputs:  y1 (N, 6, 28, 32) conv1 after activation, in the input's rows (see
-    conv_single_channel_forward);  channels-last: p1 (N, 14, 14, 6) pooled, y2 (N, 10, 10, 16);
-    p2 (N, 16, 5, 5) pooled, in torch's (c, h, w) order, conv3's input;  y3 (N, 120);  y4 (N, 84);
-    logits (N, 10).  w2 (16, 150): conv2's weight, (i, j, c) order.
-    Scratch:  cols2 (T, SUB_BATCH * 100 * 150), conv2's im2col, one per thread.
-    """
-    n_images, threads = x.shape[0], cols2.shape[0]
-    permute_conv_weight(_unpack(params)[2], KERNEL * KERNEL, w2)
-    for t in prange(threads):
-        lo, hi = t * n_images // threads, (t + 1) * n_images // threads
-        _forward_images(x[lo:hi], params, w2, activation, pool, y1[lo:hi], p1[lo:hi], y2[lo:hi],
-                        p2[lo:hi], y3[lo:hi], y4[lo:hi], logits[lo:hi], cols2[t])
+def _layer_views(flat, layer):
+    """(weight matrix, bias) of layer number ``layer`` (conv1 = 0 ... fc2 = 4), views into ``flat``."""
+    weight, bias = 2 * layer, 2 * layer + 1            # their places in PARAMETER_SHAPES
+    return (flat[_OFFSETS[weight]:_OFFSETS[weight + 1]].reshape(_WEIGHT_MATRICES[layer]),
+            flat[_OFFSETS[bias]:_OFFSETS[bias + 1]])
 
 
 @kernel
-def _backward_images(x, params, w2, activation, pool, grad_logits, y1, p1, y2, p2, y3, y4,
-                     grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols2,
-                     grad_w2, grads, grad_x, input_grad):
-    """:func:`lenet_backward` for one thread's slice of the batch, ADDED into ``grads`` (flat).
+def parameter_views(flat):
+    """The ten parameters in ``flat`` (NUM_PARAMETERS,) as :class:`Parameters`, in torch's order:
+    views, conv weights as (C_out, C_in kh kw) matrices."""
+    return Parameters(_layer_views(flat, 0), _layer_views(flat, 1), _layer_views(flat, 2),
+                      _layer_views(flat, 3), _layer_views(flat, 4))
 
-    conv2's weight gradient is accumulated in the (i, j, c) order of ``w2`` in ``grad_w2``
-    (16, 150), and added into ``grads`` in torch's order at the end.
+
+@kernel
+def _with_conv2_weight(params, conv2_weight):
+    """``params`` with conv2's weight replaced by ``conv2_weight``: the same layer, its weight in
+    the (i, j, c) order that conv2's channels-last im2col needs (see permute_conv_weight)."""
+    return Parameters(params.conv1, (conv2_weight, params.conv2[1]), params.conv3, params.fc1,
+                      params.fc2)
+
+
+class Workspace(NamedTuple):
+    """Every array the two passes write, for one batch size N and thread count T.
+
+    Built by :func:`make_workspace`. The per-batch arrays are split between threads by images,
+    the per-thread ones by their first axis. Names are those of :class:`numpylenet.LeNet5`'s
+    layers; ``grad_<name>`` is dL/d(<name>'s output).
     """
-    w1, _, _, _, w3, _, w4, _, w5, _ = _unpack(params)
-    gw1, gb1, gw2, gb2, gw3, gb3, gw4, gb4, gw5, gb5 = _unpack(grads)
-    grad_w2[:] = 0
-    n = x.shape[0]
-    _dense_backward(grad_logits, y4, w5, gw5, gb5, grad_y4)
-    activation_backward(grad_y4, y4, activation)
-    _dense_backward(grad_y4, y3, w4, gw4, gb4, grad_y3)
-    activation_backward(grad_y3, y3, activation)
-    _dense_backward(grad_y3, p2.reshape(n, 400), w3, gw3, gb3, grad_p2.reshape(n, 400))
-    for start in range(0, n, SUB_BATCH):
-        stop = min(start + SUB_BATCH, n)
-        count = stop - start
-        rows2 = count * 100
-        # conv2
-        pool_activation_backward(grad_p2[start:stop].transpose(0, 2, 3, 1), y2[start:stop], pool,
-                                 activation, POOL, POOL, grad_z2[:count])
-        g2 = grad_z2[:count].reshape(rows2, 16)
-        _add_column_sums(g2, gb2)
-        window2 = cols2[:rows2 * 150].reshape(rows2, 150)
-        im2col_channels_last(p1[start:stop], KERNEL, KERNEL, window2)
-        gemm(g2, window2, grad_w2, True, False, 1.0)           # dW += dZ^T @ cols
-        gemm(g2, w2, window2, False, False)                    # dcols = dZ @ W
-        grad_p1[:count] = 0
-        col2im_channels_last(window2, KERNEL, KERNEL, grad_p1[:count])
-        # conv1
-        conv_single_channel_backward(x[start:stop], w1, y1[start:stop], grad_p1[:count], activation,
-                                     pool, gw1, gb1, grad_z1, grad_x[start:stop], input_grad)
-    add_unpermuted_conv_weight(grad_w2, KERNEL * KERNEL, gw2)
+    # Per batch: what the forward pass stores for the backward pass.
+    x: np.ndarray                  # (N, 1, 32, 32)   a copy of the input
+    conv1: np.ndarray              # (N, 6, 28, 32)   after activation, in the input's rows
+    pool1: np.ndarray              # (N, 14, 14, 6)   channels-last
+    conv2: np.ndarray              # (N, 10, 10, 16)  after activation, channels-last
+    pool2: np.ndarray              # (N, 16, 5, 5)    torch's (c, h, w) order: conv3's (N, 400) input
+    conv3: np.ndarray              # (N, 120)         after activation
+    fc1: np.ndarray                # (N, 84)          after activation
+    logits: np.ndarray             # (N, 10)
+    # Per batch: the backward pass's gradients (a dense layer's backward turns dL/dy into
+    # dL/dz in place, before its activation).
+    grad_logits: np.ndarray        # (N, 10)          the caller's, copied in
+    grad_fc1: np.ndarray           # (N, 84)
+    grad_conv3: np.ndarray         # (N, 120)
+    grad_pool2: np.ndarray         # (N, 16, 5, 5)
+    grad_x: np.ndarray             # (N, 1, 32, 32)   written only if the input gradient is asked
+    # Shared: conv2's weight reordered (i, j, c), rebuilt at the start of each pass.
+    conv2_weight: np.ndarray       # (16, 150)
+    # Per thread: scratch, and each thread's own gradients.
+    cols2: np.ndarray              # (T, SUB_BATCH * 100 * 150)  conv2's im2col of a sub-batch
+    grad_conv1: np.ndarray         # (T, 6, 28, 32)   conv1's dL/dz, one image at a time
+    grad_pool1: np.ndarray         # (T, SUB_BATCH, 14, 14, 6)
+    grad_conv2: np.ndarray         # (T, SUB_BATCH, 10, 10, 16)  conv2's dL/dz
+    grad_conv2_weight: np.ndarray  # (T, 16, 150)     conv2's dL/dW in (i, j, c) order
+    grads: np.ndarray              # (T, NUM_PARAMETERS)  dL/dW, summed into flat_grad at the end
+
+
+def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
+    """The :class:`Workspace` for ``batch_size`` images split over ``threads`` threads (uninitialised)."""
+    n, t, sub = batch_size, threads, SUB_BATCH
+    c1, c2, k2 = CONV1_CHANNELS, CONV2_CHANNELS, CONV2_COLUMNS
+    image = (n, 1, INPUT_SIZE, INPUT_SIZE)
+    shapes = Workspace(
+        x=image, conv1=(n, c1, CONV1_SIZE, INPUT_SIZE), pool1=(n, POOL1_SIZE, POOL1_SIZE, c1),
+        conv2=(n, CONV2_SIZE, CONV2_SIZE, c2), pool2=(n, c2, POOL2_SIZE, POOL2_SIZE),
+        conv3=(n, CONV3_CHANNELS), fc1=(n, FC1_FEATURES), logits=(n, NUM_CLASSES),
+        grad_logits=(n, NUM_CLASSES), grad_fc1=(n, FC1_FEATURES), grad_conv3=(n, CONV3_CHANNELS),
+        grad_pool2=(n, c2, POOL2_SIZE, POOL2_SIZE), grad_x=image,
+        conv2_weight=(c2, k2),
+        cols2=(t, sub * CONV2_SIZE * CONV2_SIZE * k2), grad_conv1=(t, c1, CONV1_SIZE, INPUT_SIZE),
+        grad_pool1=(t, sub, POOL1_SIZE, POOL1_SIZE, c1), grad_conv2=(t, sub, CONV2_SIZE, CONV2_SIZE, c2),
+        grad_conv2_weight=(t, c2, k2), grads=(t, NUM_PARAMETERS))
+    return Workspace(*(np.empty(shape, dtype) for shape in shapes))
+
+
+# --------------------------------------------------------------------------------------------
+# The whole network: LeNet5.forward and LeNet5.backward
+# --------------------------------------------------------------------------------------------
+
+@kernel
+def _forward_images(flat_params, codes, work, t, lo, hi):
+    """:func:`lenet_forward` for thread t: images lo:hi of the batch, the thread's own scratch
+    (entry t of each per-thread array of ``work``)."""
+    params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
+    for start in range(lo, hi, SUB_BATCH):
+        images = slice(start, min(start + SUB_BATCH, hi))
+        conv1_forward(work.x[images], params.conv1, codes, y=work.conv1[images], pooled=work.pool1[images])
+        conv2_forward(work.pool1[images], params.conv2, codes, cols=work.cols2[t], y=work.conv2[images],
+                      pooled=work.pool2[images])
+    mine = slice(lo, hi)
+    pool2 = work.pool2[mine].reshape(hi - lo, -1)            # conv3's input: its one 5x5 window
+    dense_forward(pool2, params.conv3, codes.activation, y=work.conv3[mine])
+    dense_forward(work.conv3[mine], params.fc1, codes.activation, y=work.fc1[mine])
+    dense_forward(work.fc1[mine], params.fc2, IDENTITY, y=work.logits[mine])
 
 
 @kernel(parallel=True)
-def lenet_backward(x, params, activation, pool, grad_logits, w2, y1, p1, y2, p2, y3, y4,
-                   grad_y4, grad_y3, grad_p2, grad_z1, grad_p1, grad_z2, cols2, grad_w2,
-                   thread_grads, flat_grad, grad_x, input_grad):
-    """LeNet-5's backward pass from dL/dlogits (N, 10), using what :func:`lenet_forward` stored.
+def lenet_forward(flat_params, codes, work):
+    """:meth:`numpylenet.LeNet5.forward`: logits ``work.logits`` (N, 10) for the images ``work.x``
+    (N, 1, 32, 32), storing in ``work`` every activation the backward pass needs.
 
-    Adds dL/dW to ``flat_grad`` (61,706,) and, if ``input_grad``, writes dL/dx into
-    grad_x (N, 1, 32, 32). Batch-sized scratch: grad_y4 (N, 84), grad_y3 (N, 120),
-    grad_p2 (N, 16, 5, 5). Per-thread scratch: grad_z1 (T, 6, 28, 32),
-    grad_p1 (T, SUB_BATCH, 14, 14, 6), grad_z2 (T, SUB_BATCH, 10, 10, 16), cols2 as in
-    forward, grad_w2 (T, 16, 150), thread_grads (T, 61,706): each thread's gradient, whose sum is
-    added into flat_grad at the end.
+    Each thread t takes images lo:hi and runs conv1 and conv2 on them SUB_BATCH images at a time,
+    then conv3, fc1 and fc2 on all of them (:func:`_forward_images`).
+
+    Parameters
+    ----------
+    flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
+    codes : Codes
+    work : Workspace, :func:`make_workspace`'s for N images and T threads
     """
-    n_images, threads = x.shape[0], cols2.shape[0]
-    permute_conv_weight(_unpack(params)[2], KERNEL * KERNEL, w2)
-    for t in prange(threads):
-        lo, hi = t * n_images // threads, (t + 1) * n_images // threads
+    n_images, threads = work.x.shape[0], work.cols2.shape[0]
+    permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
+    for thread in prange(threads):
+        t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
+        _forward_images(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads)
+
+
+@kernel
+def _backward_images(flat_params, codes, work, t, lo, hi, input_grad):
+    """:func:`lenet_backward` for thread t: images lo:hi of the batch, the thread's own scratch,
+    ADDING dL/dW into the thread's own gradient ``work.grads[t]``."""
+    params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
+    grads = _with_conv2_weight(parameter_views(work.grads[t]), work.grad_conv2_weight[t])
+    work.grad_conv2_weight[t] = 0
+    activation, mine = codes.activation, slice(lo, hi)
+    dense_backward(work.grad_logits[mine], work.fc1[mine], work.logits[mine], params.fc2, IDENTITY,
+                   grad_layer=grads.fc2, grad_x=work.grad_fc1[mine])
+    dense_backward(work.grad_fc1[mine], work.conv3[mine], work.fc1[mine], params.fc1, activation,
+                   grad_layer=grads.fc1, grad_x=work.grad_conv3[mine])
+    pool2, grad_pool2 = work.pool2[mine].reshape(hi - lo, -1), work.grad_pool2[mine].reshape(hi - lo, -1)
+    dense_backward(work.grad_conv3[mine], pool2, work.conv3[mine], params.conv3, activation,
+                   grad_layer=grads.conv3, grad_x=grad_pool2)                # conv3 on its one window
+    for start in range(lo, hi, SUB_BATCH):
+        images, count = slice(start, min(start + SUB_BATCH, hi)), min(SUB_BATCH, hi - start)
+        grad_pool1 = work.grad_pool1[t, :count]
+        conv2_backward(work.grad_pool2[images], work.pool1[images], work.conv2[images], params.conv2,
+                       codes, grad_conv2=grads.conv2, cols=work.cols2[t], grad_z=work.grad_conv2[t, :count],
+                       grad_x=grad_pool1)
+        conv1_backward(grad_pool1, work.x[images], work.conv1[images], params.conv1, codes,
+                       grad_conv1=grads.conv1, grad_z=work.grad_conv1[t], grad_x=work.grad_x[images],
+                       input_grad=input_grad)
+    conv2_grad_weight = parameter_views(work.grads[t]).conv2[0]          # torch's (c, i, j) order
+    add_unpermuted_conv_weight(work.grad_conv2_weight[t], KERNEL_AREA, conv2_grad_weight)
+
+
+@kernel(parallel=True)
+def lenet_backward(flat_params, flat_grad, codes, work, input_grad):
+    """:meth:`numpylenet.LeNet5.backward` from dL/dlogits ``work.grad_logits`` (N, 10), using
+    what :func:`lenet_forward` stored in ``work``.
+
+    Adds dL/dW to ``flat_grad`` and, if ``input_grad``, writes dL/dx into ``work.grad_x``. Each
+    thread runs fc2, fc1 and conv3 backward on its images, then conv2 and conv1 backward SUB_BATCH
+    images at a time (:func:`_backward_images`), adding their dL/dW into its own zeroed
+    ``work.grads[t]``; the threads' sum is added into flat_grad at the end.
+
+    Parameters
+    ----------
+    flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
+    flat_grad : ndarray, shape (NUM_PARAMETERS,), the model's flat gradient; added to.
+    codes : Codes
+    work : Workspace, as lenet_forward left it, with ``work.grad_logits`` (N, 10) = dL/dlogits
+    input_grad : bool
+    """
+    n_images, threads = work.x.shape[0], work.cols2.shape[0]
+    permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
+    thread_grads = work.grads
+    for thread in prange(threads):
+        t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
         thread_grads[t, :] = 0
-        _backward_images(x[lo:hi], params, w2, activation, pool, grad_logits[lo:hi], y1[lo:hi],
-                         p1[lo:hi], y2[lo:hi], p2[lo:hi], y3[lo:hi], y4[lo:hi], grad_y4[lo:hi],
-                         grad_y3[lo:hi], grad_p2[lo:hi], grad_z1[t], grad_p1[t], grad_z2[t],
-                         cols2[t], grad_w2[t], thread_grads[t], grad_x[lo:hi], input_grad)
+        _backward_images(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads,
+                         input_grad=input_grad)
     # flat_grad += (the threads' sum): one addition into flat_grad per step, as the reference.
     block = 4096
     for b in prange((flat_grad.size + block - 1) // block):
@@ -690,12 +898,13 @@ def lenet_backward(x, params, activation, pool, grad_logits, w2, y1, p1, y2, p2,
 # --------------------------------------------------------------------------------------------
 
 @kernel(parallel=True)
-def adam_step(params, grads, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, beta1, beta2,
-              eps, weight_decay):
-    """One Adam step over flat arrays, rounding exactly as :class:`numpylenet.Adam`.
+def adam_step(params, grads, exp_avg, exp_avg_sq, scalars):
+    """One Adam step over flat arrays, rounding exactly as :meth:`numpylenet.optim.Adam.step`.
 
-    With g = grad + weight_decay p, and the step's scalars computed by the caller as the
-    reference does (step_size = lr / (1 - beta1^t), bias_correction2_sqrt = sqrt(1 - beta2^t))::
+    ``scalars`` holds, as floats, the fields of :class:`numpylenet.optim.AdamStep` in its order:
+    (step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay), with
+    step_size = lr / (1 - beta1^t) and bias_correction2_sqrt = sqrt(1 - beta2^t) computed there.
+    With g = grad + weight_decay p::
 
         m = m + (1 - beta1) (g - m);   v = beta2 v + (1 - beta2) g^2
         p = p - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)
@@ -703,6 +912,7 @@ def adam_step(params, grads, exp_avg, exp_avg_sq, step_size, bias_correction2_sq
     m and v update in the parameter dtype; the denominator and the step are formed in float64,
     as NumPy's type promotion does them in the reference.
     """
+    step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay = scalars
     real = params.dtype.type
     one_minus_beta1, one_minus_beta2 = real(1 - beta1), real(1 - beta2)
     beta2_real, decay = real(beta2), real(weight_decay)
@@ -716,13 +926,15 @@ def adam_step(params, grads, exp_avg, exp_avg_sq, step_size, bias_correction2_sq
 
 
 @kernel(parallel=True)
-def sgd_step(params, grads, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov,
-             first_step):
-    """One SGD step over flat arrays, rounding exactly as :class:`numpylenet.SGD`.
+def sgd_step(params, grads, momentum_buffer, settings, first_step):
+    """One SGD step over flat arrays, rounding exactly as :meth:`numpylenet.optim.SGD.step`.
 
+    ``settings`` holds the fields of :class:`numpylenet.optim.SGDSettings` in its order:
+    (lr, momentum, dampening, weight_decay) as floats, then nesterov as a bool.
     g = grad + weight_decay p;  with momentum: b = g on the first step, else
     b = momentum b + (1 - dampening) g, and g = g + momentum b (nesterov) or b;  p = p - lr g.
     """
+    lr, momentum, dampening, weight_decay, nesterov = settings
     real = params.dtype.type
     rate, decay, mu, keep = real(lr), real(weight_decay), real(momentum), real(1 - dampening)
     for i in prange(params.size):
@@ -735,15 +947,3 @@ def sgd_step(params, grads, momentum_buffer, lr, momentum, dampening, weight_dec
                 momentum_buffer[i] += keep * g
             g = g + mu * momentum_buffer[i] if nesterov else momentum_buffer[i]
         params[i] -= rate * g
-
-
-def warmup() -> float:
-    """Compile (or load from the on-disk cache) every kernel for float32 and float64.
-
-    Returns the seconds it took: a few tens of seconds the first time, well under a second after.
-    """
-    start = time.perf_counter()
-    from .backend import NumbaLeNet5
-    for dtype in (np.float32, np.float64):
-        NumbaLeNet5.compile(np.dtype(dtype))
-    return time.perf_counter() - start

@@ -8,11 +8,17 @@ Every layer follows one contract:
   until ``zero_grad()``).
 
 Shapes use N for the batch, C for channels, H x W for the spatial size, and the convolution and
-pooling layers work in NCHW, the layout torch uses.
+pooling layers work in NCHW, the layout torch uses. A layer keeps its own copy of what backward
+needs, so the caller may reuse ``x`` after forward. N may be 0 (empty in, empty out, as in torch).
+
+Each class names its Numba counterpart: the kernels in :mod:`numpylenet.kernels` that compute the
+same layer inside ``LeNet5(backend="numba")`` (the table at the top of that module lists them all).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .names import DTYPE_NAMES
 
 __all__ = [
     "Parameter",
@@ -30,7 +36,7 @@ __all__ = [
 ]
 
 Pair = tuple[int, int]
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT_DTYPES = tuple(np.dtype(name) for name in DTYPE_NAMES)
 
 
 class Parameter:
@@ -42,11 +48,15 @@ class Parameter:
         The values, any shape.
     grad : ndarray
         dL/d(data), same shape and dtype as ``data``; starts at zero and accumulates.
+    owner : object or None
+        The model whose flat buffers hold ``data`` and ``grad`` as views (set by
+        :meth:`numpylenet.LeNet5.flat_buffers`' packing), else None.
     """
 
     def __init__(self, data: np.ndarray):
         self.data = data
         self.grad = np.zeros_like(data)
+        self.owner = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -135,12 +145,22 @@ def im2col(x: np.ndarray, kernel: Pair, stride: Pair = (1, 1), padding: Pair = (
 
     Returns
     -------
-    cols : ndarray, shape (C * kh * kw, N * OH * OW), a new contiguous array,
+    cols : ndarray, shape (C * kh * kw, N * OH * OW), never a view of ``x``,
         with OH = (H + 2 ph - kh) // sh + 1 and OW = (W + 2 pw - kw) // sw + 1.
     """
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    n, c = x.shape[:2]
+    ph, pw = padding
     padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+    cols = _unfold(padded, kernel, stride)
+    # When no window overlaps another (a 1x1 kernel, a kernel covering the input) the reshape in
+    # _unfold can leave cols a view of x; Conv2d keeps cols for backward, so they must not change
+    # with x. Then they are unfolded from a copy of x (the same strides, so BLAS rounds the same).
+    return _unfold(x.copy(), kernel, stride) if np.may_share_memory(cols, x) else cols
+
+
+def _unfold(padded: np.ndarray, kernel: Pair, stride: Pair) -> np.ndarray:
+    """:func:`im2col` of an already padded batch; the result may be a view of ``padded``."""
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c = padded.shape[:2]
     # windows[n, c, oh, ow, i, j] = padded[n, c, oh * sh + i, ow * sw + j]: a strided view, no copy.
     windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
     oh, ow = windows.shape[2:4]
@@ -229,6 +249,12 @@ class Conv2d(Layer):
         dW_mat = dY @ cols^T                          (C_out, C_in kh kw)
         dbias  = dY summed over its columns           (C_out,)
         dx     = col2im(W_mat^T @ dY)                 (N, C_in, H, W)
+
+    Numba counterparts, one per convolution of LeNet-5: ``kernels.conv1_forward`` /
+    ``conv1_backward`` (conv1: one input channel, summed in place without im2col),
+    ``kernels.conv2_forward`` / ``conv2_backward`` (conv2: im2col channels-last and one GEMM),
+    ``kernels.dense_forward`` / ``dense_backward`` (conv3: one window, a dense layer); each fused
+    with the activation (and pooling) after it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Pair,
@@ -275,7 +301,7 @@ class Conv2d(Layer):
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
         cols = self._cached("cols")
         # (N, C_out, OH, OW) -> (C_out, N OH OW), the layout of Y in forward.
-        grad_y = grad_output.transpose(1, 0, 2, 3).reshape(self.out_channels, -1)
+        grad_y = grad_output.transpose(1, 0, 2, 3).reshape(self.out_channels, cols.shape[1])
         weight_matrix = self.weight.data.reshape(self.out_channels, -1)
         self.weight.grad += (grad_y @ cols.T).reshape(self.weight.data.shape)  # dW = dY @ cols^T
         self.bias.grad += grad_y.sum(axis=1)                                   # db = sum_cols dY
@@ -293,15 +319,18 @@ class _Pool2d(Layer):
     Pooling is a convolution with one input channel, so it reuses im2col: the input
     (N, C, H, W) is viewed as (N C, 1, H, W), and im2col gives ``cols`` of shape
     (kh kw, N C OH OW), one column per window. A pooling layer reduces each column to one number
-    (``reduce``) and, going back, spreads each output gradient over its column (``spread``)
-    before col2im adds the overlapping windows together. torch semantics: no padding, floor mode,
-    stride defaulting to the kernel size.
+    (``reduce``, which also returns what the backward pass needs) and, going back, spreads each
+    output gradient over its column (``spread``) before col2im adds the overlapping windows
+    together. torch semantics: no padding, floor mode, stride defaulting to the kernel size.
+
+    Numba counterparts (2x2, stride 2, channels-last): ``kernels.pool_forward`` and
+    ``kernels.pool_activation_backward``, run inside the conv1 and conv2 kernels.
     """
 
     def __init__(self, kernel_size: int | Pair, stride: int | Pair | None = None):
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else _pair(stride, "stride", 1)
-        self.input_shape = None
+        self.input_shape = self.saved = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         kh, kw = self.kernel_size
@@ -313,18 +342,21 @@ class _Pool2d(Layer):
         n, c, h, w = self.input_shape = x.shape
         oh, ow = output_size(h, kh, self.stride[0]), output_size(w, kw, self.stride[1])
         cols = im2col(x.reshape(n * c, 1, h, w), self.kernel_size, self.stride)  # (kh kw, N C OH OW)
-        return self.reduce(cols).reshape(n, c, oh, ow)
+        pooled, self.saved = self.reduce(cols)
+        return pooled.reshape(n, c, oh, ow)
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
         n, c, h, w = self._cached("input_shape")
-        grad_cols = self.spread(grad_output.reshape(1, -1))                      # (kh kw, N C OH OW)
+        grad_cols = self.spread(grad_output.reshape(1, -1), self.saved)          # (kh kw, N C OH OW)
         grad_x = col2im(grad_cols, (n * c, 1, h, w), self.kernel_size, self.stride)
         return grad_x.reshape(n, c, h, w)
 
-    def reduce(self, cols: np.ndarray) -> np.ndarray:
+    def reduce(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """cols (kh kw, M) -> (the M pooled values, what :meth:`spread` needs, or None)."""
         raise NotImplementedError
 
-    def spread(self, grad_y: np.ndarray) -> np.ndarray:
+    def spread(self, grad_y: np.ndarray, saved: np.ndarray | None) -> np.ndarray:
+        """grad_y (1, M) -> its share for each window entry, (kh kw, M); ``saved`` from reduce."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -341,10 +373,10 @@ class AvgPool2d(_Pool2d):
               summed over all windows the pixel belongs to (col2im does the sum).
     """
 
-    def reduce(self, cols: np.ndarray) -> np.ndarray:
-        return cols.mean(axis=0)
+    def reduce(self, cols: np.ndarray) -> tuple[np.ndarray, None]:
+        return cols.mean(axis=0), None
 
-    def spread(self, grad_y: np.ndarray) -> np.ndarray:
+    def spread(self, grad_y: np.ndarray, saved: None) -> np.ndarray:
         window_size = self.kernel_size[0] * self.kernel_size[1]
         return np.repeat(grad_y / window_size, window_size, axis=0)
 
@@ -355,49 +387,68 @@ class MaxPool2d(_Pool2d):
     Shapes: as :class:`AvgPool2d`.
 
     Forward:  y[n, c, oh, ow] = max_{i, j} x[n, c, oh sh + i, ow sw + j]
-    Backward: the whole gradient goes to the position that won the max (the first one, in
-              row-major window order, on ties, as torch picks): dx[argmax] += dy.
+    Backward: the whole gradient goes to the position that won the max: dx[winner] += dy.
+
+    The winner is torch's: scanning the window in row-major order, a value wins if it is greater
+    than the best so far or is NaN. So on ties the first maximum wins, and in a window holding
+    NaN (whose output is NaN) the last NaN wins.
     """
 
-    def reduce(self, cols: np.ndarray) -> np.ndarray:
-        self.argmax = cols.argmax(axis=0)                                       # (N C OH OW,)
-        return cols[self.argmax, np.arange(cols.shape[1])]
+    def reduce(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        columns = np.arange(cols.shape[1])
+        winner = cols.argmax(axis=0)              # (N C OH OW,) the first maximum, or the first NaN
+        has_nan = np.isnan(cols[winner, columns])
+        if has_nan.any():                         # a later NaN wins over an earlier one
+            winner[has_nan] = cols.shape[0] - 1 - np.isnan(cols[::-1, has_nan]).argmax(axis=0)
+        return cols[winner, columns], winner
 
-    def spread(self, grad_y: np.ndarray) -> np.ndarray:
+    def spread(self, grad_y: np.ndarray, winner: np.ndarray) -> np.ndarray:
         grad_y = grad_y[0]
         grad_cols = np.zeros((self.kernel_size[0] * self.kernel_size[1], grad_y.size), grad_y.dtype)
-        grad_cols[self.argmax, np.arange(grad_y.size)] = grad_y
+        grad_cols[winner, np.arange(grad_y.size)] = grad_y
         return grad_cols
 
 
 class _Activation(Layer):
-    """An elementwise function y = f(x); backward multiplies by f'(x), written in terms of y or x."""
+    """An elementwise function y = f(x); backward multiplies by f'(x), written in terms of y.
+
+    Only y is kept for backward (as torch keeps the result of relu, tanh and sigmoid): the layer
+    made it, so it does not change when the caller reuses x.
+
+    Numba counterparts: ``kernels.bias_activation`` and ``kernels.activation_backward``, run
+    inside the kernel of the layer before the activation (and ``pool_activation_backward`` where
+    pooling follows).
+    """
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"{type(self).__name__} expected a floating-point input of any shape, "
                              f"got dtype {x.dtype}")
-        self.input, self.output = x, self.function(x)
+        self.output = self.function(x)
         return self.output
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        return grad_output * self.derivative(self._cached("input"), self.output)
+        return grad_output * self.derivative(self._cached("output"))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
 class ReLU(_Activation):
-    """y = max(x, 0);  dx = dy * [x > 0]   (the subgradient at 0 is 0, as in torch)."""
+    """y = max(x, 0);  dx = dy * [y > 0]   (y > 0 exactly where x > 0; at 0 the subgradient is 0).
+
+    As in torch, a NaN input gives y = NaN and passes its gradient through: torch zeroes dx where
+    y <= 0, which NaN is not, so the mask is written "not y <= 0".
+    """
 
     @staticmethod
     def function(x):
         return np.maximum(x, 0)
 
     @staticmethod
-    def derivative(x, y):
-        return x > 0
+    def derivative(y):
+        return ~(y <= 0)
 
 
 class Tanh(_Activation):
@@ -408,7 +459,7 @@ class Tanh(_Activation):
         return np.tanh(x)
 
     @staticmethod
-    def derivative(x, y):
+    def derivative(y):
         return 1 - y * y
 
 
@@ -425,19 +476,23 @@ class Sigmoid(_Activation):
         return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
     @staticmethod
-    def derivative(x, y):
+    def derivative(y):
         return y * (1 - y)
 
 
 class Flatten(Layer):
-    """Flatten all but the batch axis: (N, d1, d2, ...) -> (N, d1 d2 ...); backward reshapes back."""
+    """Flatten all but the batch axis: (N, d1, d2, ...) -> (N, d1 d2 ...); backward reshapes back.
+
+    No Numba counterpart: the kernels store pool2 in torch's (c, h, w) order, which is already
+    conv3's flattened input.
+    """
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.ndim < 1:
             raise ValueError(f"Flatten expected input of shape (N, ...), got shape {x.shape}")
         self.input_shape = x.shape
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
         return grad_output.reshape(self._cached("input_shape"))
@@ -457,6 +512,9 @@ class Linear(Layer):
         dW = dY^T @ x        (out, in)
         db = sum_n dY        (out,)
         dx = dY @ W          (N, in)
+
+    Numba counterparts: ``kernels.dense_forward`` / ``dense_backward`` (fc1 and fc2, and conv3),
+    fused with the activation after the layer.
     """
 
     def __init__(self, in_features: int, out_features: int, *, dtype=np.float32,
@@ -479,7 +537,7 @@ class Linear(Layer):
         x = check_float_array(x, "Linear", expected, 2)
         if x.shape[1] != self.in_features:
             raise ValueError(f"Linear expected input of shape {expected}, got shape {x.shape}")
-        self.input = x.astype(self.dtype, copy=False)
+        self.input = np.array(x, dtype=self.dtype)    # a copy: dW needs x as it was
         return self.input @ self.weight.data.T + self.bias.data
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:

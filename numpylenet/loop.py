@@ -84,7 +84,7 @@ class NumpyLearner:
         self.compile_seconds = 0.0
         if self.backend == "numba":
             # Compile (or load from Numba's disk cache) before the clock of epoch 1 starts.
-            from .backend import NumbaLeNet5
+            from .engine import NumbaLeNet5
 
             started = time.perf_counter()
             NumbaLeNet5.compile(self.model.dtype)

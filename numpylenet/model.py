@@ -5,12 +5,14 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from .backend import NumbaLeNet5, resolve_backend
+from .backend import resolve_backend
 from .layers import (AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, Parameter, ReLU,
                      Sigmoid, Tanh, as_float_dtype)
+from .names import ACTIVATION_NAMES, POOL_NAMES
 
 __all__ = ["LeNet5", "ACTIVATIONS", "POOLS"]
 
+# The layer for each name of names.ACTIVATION_NAMES and names.POOL_NAMES (tests/test_layout.py checks).
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
 POOLS = {"avg": AvgPool2d, "max": MaxPool2d}
 INPUT_SHAPE = (1, 32, 32)
@@ -33,29 +35,37 @@ class LeNet5:
         fc2    (N, 10)          the logits (softmax lives in the loss)
 
     The backward pass runs the layers in reverse, each turning dL/d(output) into dL/d(input).
+    Numba counterparts (``backend="numba"``): ``kernels.lenet_forward`` and
+    ``kernels.lenet_backward``, the same layers as one pair of fused kernels per layer.
 
     All 61,706 parameters live in one contiguous buffer, ``flat_data`` (torch's named order), and
-    their gradients in ``flat_grad``; each Parameter's ``.data`` and ``.grad`` are views into them,
-    so an optimiser can treat the whole model as one array.
+    their gradients in ``flat_grad``; each Parameter's ``.data`` and ``.grad`` are views into them
+    (see :meth:`flat_buffers`), so an optimiser can treat the whole model as one array.
+
+    Both backends accept and reject the same inputs: any floating-point x of shape (N, 1, 32, 32),
+    N >= 0 (cast to the model's dtype; an empty batch gives empty logits, as in torch), and in
+    backward a floating-point dL/dlogits of shape (N, 10) for the N of the last forward. The
+    backward pass uses what forward kept (its own copies), never the caller's x.
 
     Parameters
     ----------
-    activation : {"relu", "tanh", "sigmoid"}
-    pool : {"avg", "max"}
+    activation : one of names.ACTIVATION_NAMES: "relu", "tanh", "sigmoid"
+    pool : one of names.POOL_NAMES: "avg", "max"
     dtype : float32 or float64
     seed : int or None, seeds torch-style U(-1/sqrt(fan_in), 1/sqrt(fan_in)) initialisation.
     backend : {"numpy", "numba"} or None
         "numpy" runs the layers above one by one; "numba" runs the same math as two fused
-        parallel kernels (:mod:`numpylenet.kernels`). None: $NUMPYLENET_BACKEND, else numba if
-        it imports, else numpy (see :func:`numpylenet.backend.resolve_backend`).
+        parallel kernels (:mod:`numpylenet.kernels`, run by :class:`numpylenet.engine.NumbaLeNet5`,
+        this model's ``engine``). None: $NUMPYLENET_BACKEND, else numba if it imports, else numpy
+        (see :func:`numpylenet.backend.resolve_backend`).
     """
 
     def __init__(self, *, activation: str = "relu", pool: str = "avg", dtype=np.float32,
                  seed: int | None = None, backend: str | None = None):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {sorted(POOLS)}, got {pool!r}")
+        if activation not in ACTIVATION_NAMES:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATION_NAMES)}, got {activation!r}")
+        if pool not in POOL_NAMES:
+            raise ValueError(f"pool must be one of {', '.join(POOL_NAMES)}, got {pool!r}")
         self.activation, self.pool, self.dtype = activation, pool, as_float_dtype(dtype)
         rng = np.random.default_rng(seed)
         activation_layer, pool_layer = ACTIVATIONS[activation], POOLS[pool]
@@ -73,11 +83,15 @@ class LeNet5:
         ]
         self._pack_parameters()
         self.backend = resolve_backend(backend)
-        self.engine = NumbaLeNet5(self) if self.backend == "numba" else None
+        self.engine = None
+        if self.backend == "numba":
+            from .engine import NumbaLeNet5     # here, not above: the numpy backend needs no Numba
+            self.engine = NumbaLeNet5.for_model(self)
+        self._forward_batch_size: int | None = None    # checked by backward
 
     def _pack_parameters(self) -> None:
         """Move every parameter into one flat buffer (and its gradient into another)."""
-        params = [p for _, p in self.named_parameters()]
+        params = self.parameters()
         total = sum(p.data.size for p in params)
         self.flat_data = np.empty(total, dtype=self.dtype)
         self.flat_grad = np.zeros(total, dtype=self.dtype)
@@ -87,18 +101,34 @@ class LeNet5:
             self.flat_data[offset:offset + size] = p.data.ravel()
             p.data = self.flat_data[offset:offset + size].reshape(shape)
             p.grad = self.flat_grad[offset:offset + size].reshape(shape)
+            p.owner = self
             offset += size
+
+    def flat_buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(flat_data, flat_grad)``: every parameter, and every gradient, in one array each.
+
+        Both have shape (61,706,) and the model's dtype. The i-th parameter of
+        :meth:`parameters` (torch's order, conv1.weight ... fc2.bias) is the slice
+        ``flat_data[o_i : o_i + size_i]`` reshaped to its shape, with o_i the sum of the sizes
+        before it; its ``.grad`` is the same slice of ``flat_grad``. Each of those Parameters has
+        ``owner`` set to this model, so that an optimiser given exactly ``model.parameters()``
+        can find these buffers and update them in one loop (see
+        :func:`numpylenet.optim.find_fused_buffers`). Write into them in place, never rebind them.
+        """
+        return self.flat_data, self.flat_grad
 
     # --- forward and backward ------------------------------------------------------------------
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a batch: x (N, 1, 32, 32) -> (N, 10)."""
+        """Logits for a batch: x (N, 1, 32, 32) -> (N, 10), in the model's dtype."""
         x = np.asarray(x)
         if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4 or x.shape[1:] != INPUT_SHAPE:
             raise ValueError(f"LeNet5 expected a floating-point input of shape (N, 1, 32, 32), "
                              f"got {x.dtype} array of shape {x.shape}")
+        self._forward_batch_size = x.shape[0]
         if self.engine is not None:
             return self.engine.forward(x)
+        x = x.astype(self.dtype, copy=False)
         for layer in self.layers:
             x = layer.forward(x)
         return x
@@ -108,15 +138,28 @@ class LeNet5:
     def backward(self, grad_logits: np.ndarray, *, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate dL/dlogits (N, 10); adds to every ``.grad``; returns dL/dx (N, 1, 32, 32).
 
-        With ``input_grad=False`` it returns None: training never needs dL/dx, and the numba
-        backend then skips conv1's input-gradient pass (about a tenth of the work).
+        N must be the batch size of the last :meth:`forward`, whose activations this uses. With
+        ``input_grad=False`` it returns None: training never needs dL/dx, and the numba backend
+        then skips conv1's input-gradient pass (about a tenth of the work).
         """
+        grad_logits = self._check_grad_logits(grad_logits)
         if self.engine is not None:
             return self.engine.backward(grad_logits, input_grad)
         grad = grad_logits
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
         return grad if input_grad else None
+
+    def _check_grad_logits(self, grad_logits) -> np.ndarray:
+        """``grad_logits`` as an array of the model's dtype, if it fits the last forward pass."""
+        if self._forward_batch_size is None:
+            raise RuntimeError("LeNet5.backward called before forward")
+        grad_logits = np.asarray(grad_logits)
+        expected = (self._forward_batch_size, NUM_CLASSES)
+        if not np.issubdtype(grad_logits.dtype, np.floating) or grad_logits.shape != expected:
+            raise ValueError(f"LeNet5.backward expected floating-point grad_logits of shape {expected}, "
+                             f"got {grad_logits.dtype} array of shape {grad_logits.shape}")
+        return grad_logits.astype(self.dtype, copy=False)
 
     # --- parameters ----------------------------------------------------------------------------
 

@@ -1,20 +1,63 @@
-"""Optimisers with torch.optim's exact update rules: Adam and SGD (momentum, nesterov)."""
+"""Optimisers with torch.optim's exact update rules: Adam and SGD (momentum, nesterov).
+
+Fused updates: given exactly the parameters of one numba-backend :class:`numpylenet.LeNet5`,
+in order (``Adam(model.parameters())``), an optimiser finds the model's flat buffers through
+:meth:`~numpylenet.LeNet5.flat_buffers` (see :func:`find_fused_buffers`) and updates all of them
+in one Numba loop (:mod:`numpylenet.engine`) that rounds exactly as the NumPy loop below. For any
+other list - a subset, another order, two models' parameters, a numpy-backend model - it runs the
+NumPy loop. Either way ``state_dict()`` holds one array per parameter and buffer.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from .backend import fused_adam_step, fused_parameter_buffers, fused_sgd_step
 from .layers import Parameter
 
-__all__ = ["Optimizer", "Adam", "SGD"]
+__all__ = ["Optimizer", "Adam", "SGD", "AdamStep", "SGDSettings", "find_fused_buffers", "state_key",
+           "parse_state_key"]
 
 
 def _require(condition: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``condition``; written ``not 0 <= x`` so NaN fails."""
     if not condition:
         raise ValueError(message)
+
+
+def state_key(buffer: str, index: int) -> str:
+    """The state_dict key of buffer ``buffer`` of parameter ``index``: ``"<buffer>.<index>"``."""
+    return f"{buffer}.{index}"
+
+
+def parse_state_key(key: str, buffer_names: Sequence[str], num_params: int) -> tuple[str, int]:
+    """(buffer, index) of a :func:`state_key`, if ``buffer`` is one of ``buffer_names`` and
+    0 <= index < ``num_params``; ValueError otherwise."""
+    buffer, _, index = key.rpartition(".")
+    if buffer not in buffer_names or not index.isdigit() or int(index) >= num_params:
+        raise ValueError(f"unexpected key {key!r} in optimizer state")
+    return buffer, int(index)
+
+
+def find_fused_buffers(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``model.flat_buffers()`` if ``params`` are exactly ``model.parameters()`` - the same
+    Parameter objects, all of them, in order, still views of those buffers - for a
+    numba-backend LeNet5 ``model``; else None.
+
+    The model is the one that packed the first parameter (``params[0].owner``); then one loop
+    over its flat buffers updates exactly these parameters.
+    """
+    model = getattr(params[0], "owner", None)
+    if model is None or model.backend != "numba":
+        return None
+    own = model.parameters()
+    if len(own) != len(params) or any(p is not q for p, q in zip(params, own)):
+        return None
+    data, grad = model.flat_buffers()
+    if any(p.data.base is not data or p.grad.base is not grad for p in params):
+        return None                  # a .data or .grad was rebound to another array
+    return data, grad
 
 
 class Optimizer:
@@ -39,7 +82,8 @@ class Optimizer:
         for name in self.buffer_names:
             setattr(self, name, [None] * len(self.params))
         # A numba-backend model's parameters tile one flat buffer: then step() is one fused loop.
-        self.fused_buffers = fused_parameter_buffers(self.params)
+        self.fused_buffers = find_fused_buffers(self.params)
+        self._flat_states: dict[str, np.ndarray] = {}
 
     def zero_grad(self) -> None:
         """Set every parameter's gradient to zero, in place."""
@@ -55,7 +99,7 @@ class Optimizer:
         for name in self.buffer_names:
             for index, buffer in enumerate(getattr(self, name)):
                 if buffer is not None:
-                    state[f"{name}.{index}"] = buffer.copy()
+                    state[state_key(name, index)] = buffer.copy()
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -66,17 +110,55 @@ class Optimizer:
         step_count = int(np.asarray(state.pop("step")))
         buffers = {name: [None] * len(self.params) for name in self.buffer_names}
         for key, value in state.items():
-            name, _, index = key.rpartition(".")
-            if name not in buffers or not index.isdigit() or int(index) >= len(self.params):
-                raise ValueError(f"unexpected key {key!r} in optimizer state")
-            param = self.params[int(index)]
+            name, index = parse_state_key(key, self.buffer_names, len(self.params))
+            param = self.params[index]
             if np.shape(value) != param.data.shape:
                 raise ValueError(f"optimizer state {key!r} has shape {np.shape(value)}, "
                                  f"expected {param.data.shape}")
-            buffers[name][int(index)] = np.array(value, dtype=param.data.dtype)
+            buffers[name][index] = np.array(value, dtype=param.data.dtype)
         self.step_count = step_count
         for name, values in buffers.items():
             setattr(self, name, values)
+
+    def _flat_state(self, name: str) -> tuple[np.ndarray, bool]:
+        """The per-parameter buffer list ``name`` as one flat array shaped like the fused
+        parameter buffer (its entries become views of it), and whether it was empty before (no
+        step taken yet). New or loaded buffers are packed into it once."""
+        buffers = getattr(self, name)
+        flat = self._flat_states.get(name)
+        if flat is not None and all(b is not None and b.base is flat for b in buffers):
+            return flat, False
+        empty = all(b is None for b in buffers)
+        flat = np.zeros_like(self.fused_buffers[0])
+        offset = 0
+        for index, p in enumerate(self.params):
+            view = flat[offset:offset + p.data.size].reshape(p.data.shape)
+            if buffers[index] is not None:
+                view[...] = buffers[index]
+            buffers[index] = view
+            offset += p.data.size
+        self._flat_states[name] = flat
+        return flat, empty
+
+
+class AdamStep(NamedTuple):
+    """The scalars of Adam's step t, the same for every parameter: computed once, by
+    :meth:`Adam.step_scalars`, for the NumPy loop and the fused Numba loop alike."""
+    step_size: float                # lr / (1 - beta1^t)
+    bias_correction2_sqrt: float    # sqrt(1 - beta2^t), a NumPy float64 (see Adam.step)
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
+class SGDSettings(NamedTuple):
+    """SGD's hyper-parameters, as the fused Numba loop takes them."""
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
 
 
 class Adam(Optimizer):
@@ -93,6 +175,9 @@ class Adam(Optimizer):
 
     eps is added AFTER bias-correcting sqrt(v), as torch does; adding it to v or before the
     correction gives a visibly different trajectory in the first steps.
+
+    Numba counterpart: ``kernels.adam_step``, the same lines over a whole flat buffer (used when
+    the parameters are exactly one numba model's, see :func:`find_fused_buffers`).
     """
 
     buffer_names = ("exp_avg", "exp_avg_sq")
@@ -108,14 +193,26 @@ class Adam(Optimizer):
         _require(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
         self.betas, self.eps, self.weight_decay = (beta1, beta2), eps, weight_decay
 
-    def step(self) -> None:
+    def step_scalars(self) -> AdamStep:
+        """The scalars of step ``step_count``: m_hat / (sqrt(v_hat) + eps) times lr is
+        step_size * m / (sqrt(v) / bias_correction2_sqrt + eps), as torch computes it.
+
+        ``bias_correction2_sqrt`` stays a NumPy float64: dividing a float32 array by it forms the
+        denominator in float64, as torch's float32 Adam does; the fused loop rounds the same."""
         beta1, beta2 = self.betas
-        self.step_count += 1
-        if self.fused_buffers is not None:
-            return fused_adam_step(self, *self.fused_buffers)
         t = self.step_count
-        step_size = self.lr / (1 - beta1 ** t)
-        bias_correction2_sqrt = np.sqrt(1 - beta2 ** t)
+        return AdamStep(step_size=self.lr / (1 - beta1 ** t),
+                        bias_correction2_sqrt=np.sqrt(np.float64(1 - beta2 ** t)),
+                        beta1=beta1, beta2=beta2, eps=self.eps, weight_decay=self.weight_decay)
+
+    def step(self) -> None:
+        self.step_count += 1
+        scalars = self.step_scalars()
+        if self.fused_buffers is not None:
+            from .engine import fused_adam_step     # only a numba-backend model's parameters get here
+            (exp_avg, _), (exp_avg_sq, _) = self._flat_state("exp_avg"), self._flat_state("exp_avg_sq")
+            return fused_adam_step(*self.fused_buffers, exp_avg, exp_avg_sq, scalars)
+        beta1, beta2 = self.betas
         for index, p in enumerate(self.params):
             grad = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
             if self.exp_avg[index] is None:
@@ -125,8 +222,8 @@ class Adam(Optimizer):
             m += (1 - beta1) * (grad - m)          # = beta1 m + (1 - beta1) g, torch's lerp form
             v *= beta2
             v += (1 - beta2) * grad * grad
-            denominator = np.sqrt(v) / bias_correction2_sqrt + self.eps
-            p.data -= step_size * (m / denominator)
+            denominator = np.sqrt(v) / scalars.bias_correction2_sqrt + self.eps
+            p.data -= scalars.step_size * (m / denominator)
 
 
 class SGD(Optimizer):
@@ -140,6 +237,9 @@ class SGD(Optimizer):
             b = momentum * b + (1 - dampening) * g      afterwards
             g = g + momentum * b   if nesterov   else   b
         p = p - lr * g
+
+    Numba counterpart: ``kernels.sgd_step``, the same lines over a whole flat buffer (used when
+    the parameters are exactly one numba model's, see :func:`find_fused_buffers`).
     """
 
     buffer_names = ("momentum_buffer",)
@@ -157,7 +257,11 @@ class SGD(Optimizer):
     def step(self) -> None:
         self.step_count += 1
         if self.fused_buffers is not None:
-            return fused_sgd_step(self, *self.fused_buffers)
+            from .engine import fused_sgd_step      # only a numba-backend model's parameters get here
+            buffer, first_step = (self._flat_state("momentum_buffer") if self.momentum
+                                  else (self.fused_buffers[0][:0], False))
+            settings = SGDSettings(self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov)
+            return fused_sgd_step(*self.fused_buffers, buffer, settings, first_step)
         for index, p in enumerate(self.params):
             grad = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
             if self.momentum:

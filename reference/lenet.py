@@ -25,6 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from numpylenet.names import ACTIVATION_NAMES, POOL_NAMES
+
+# The torch function for each name of numpylenet.names.ACTIVATION_NAMES and POOL_NAMES
+# (tests/test_layout.py checks that every name has one).
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 POOLS = {"avg": F.avg_pool2d, "max": F.max_pool2d}
 
@@ -72,18 +76,18 @@ class TorchLeNet5(LeNet):
 
     Parameters
     ----------
-    activation : {"relu", "tanh", "sigmoid"}
+    activation : one of numpylenet.names.ACTIVATION_NAMES: "relu", "tanh", "sigmoid"
         Applied after conv1, conv2, conv3 and fc1, as in ``numpylenet.LeNet5``.
-    pool : {"avg", "max"}
+    pool : one of numpylenet.names.POOL_NAMES: "avg", "max"
         2x2 pooling with stride 2 after the first two activations.
     """
 
     def __init__(self, activation: str = "relu", pool: str = "avg"):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {sorted(POOLS)}, got {pool!r}")
+        if activation not in ACTIVATION_NAMES:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATION_NAMES)}, got {activation!r}")
+        if pool not in POOL_NAMES:
+            raise ValueError(f"pool must be one of {', '.join(POOL_NAMES)}, got {pool!r}")
         self.activation = ACTIVATIONS[activation]
         self.pool = POOLS[pool]
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from numpylenet.model import LeNet5
 from numpylenet.names import DTYPE_NAMES
+from numpylenet.optim import parse_state_key, state_key
 from numpylenet.recipes import TrainConfig
 from numpylenet.train import main as numpylenet_main
 from reference.lenet import TorchLeNet5, copy_numpy_to_torch
@@ -93,7 +94,7 @@ class TorchLearner:
             for name in BUFFERS[self.kind]:
                 buffer = self.optimizer.state.get(param, {}).get(name)
                 if buffer is not None:
-                    state[f"{name}.{index}"] = buffer.detach().numpy().copy()
+                    state[state_key(name, index)] = buffer.detach().numpy().copy()
         return state
 
     def load_state(self, model: dict[str, np.ndarray], optimizer: dict[str, np.ndarray] | None) -> None:
@@ -108,10 +109,8 @@ class TorchLearner:
         self.steps = int(optimizer.pop("step"))
         per_param: dict[int, dict] = {}
         for key, value in optimizer.items():
-            name, _, index = key.rpartition(".")
-            if name not in BUFFERS[self.kind] or not index.isdigit() or int(index) >= len(self.params):
-                raise ValueError(f"unexpected key {key!r} in the optimizer state")
-            per_param.setdefault(int(index), {})[name] = torch.from_numpy(np.array(value)).to(self.dtype)
+            name, index = parse_state_key(key, BUFFERS[self.kind], len(self.params))
+            per_param.setdefault(index, {})[name] = torch.from_numpy(np.array(value)).to(self.dtype)
         if self.kind == "adam":
             for entry in per_param.values():
                 entry["step"] = torch.tensor(float(self.steps))

@@ -12,7 +12,10 @@ tour's figures exist, its worked examples and its layer table are what the code 
 * the worked examples, each a ```text block after an ``<!-- worked-example: NAME -->`` marker, equal
   what im2col, Conv2d, col2im and split_train_valid return, and the independent truths next to them
   (the notebook's own shuffle, the adjoint identity);
-* the parameter and FLOP table agrees with the shapes of a real LeNet5.
+* the parameter and FLOP table agrees with the shapes of a real LeNet5;
+* the layer -> kernel table at the top of numpylenet/kernels.py names NumPy objects and kernels that
+  exist, each NumPy layer's docstring names its kernels and each kernel's names its layers, and
+  README's layout rows for the Numba modules name what is in them.
 """
 
 import ast
@@ -232,3 +235,97 @@ def test_training_step_flops_are_three_forward_passes_less_conv1_input_gradient(
     assert forward == forward_flops_per_image()
     assert 3 * forward - conv1 == training_flops_per_image()
     assert f"{3 * forward / 1e6:.2f} MFLOP" in TOUR and f"{(3 * forward - conv1) / 1e6:.2f} MFLOP" in TOUR
+
+
+# The layer -> kernel table at the top of numpylenet/kernels.py, and the links both ways.
+
+KERNELS_PATH = ROOT / "numpylenet" / "kernels.py"
+TICKED = re.compile(r"`([A-Za-z_][\w.]*)`")
+
+
+def kernel_table() -> list[list[str]]:
+    """Rows of the table after ``<!-- table: kernels -->`` in the kernels module's docstring (read
+    from the source, so without importing Numba): cells layer, NumPy, Numba, layout, fused."""
+    docstring = ast.get_docstring(ast.parse(KERNELS_PATH.read_text(encoding="utf-8")))
+    block = docstring.split("<!-- table: kernels -->", 1)[1].strip().split("\n\n", 1)[0]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+
+
+def kernels_module():
+    """numpylenet.kernels, or None where Numba cannot run (then names are checked in the source)."""
+    from numpylenet.backend import numba_unavailable_reason
+
+    if numba_unavailable_reason() is not None:
+        return None
+    return importlib.import_module("numpylenet.kernels")
+
+
+def numpy_object(dotted: str):
+    """``layers.Conv2d`` -> numpylenet.layers.Conv2d (a name of the table's NumPy column)."""
+    target = importlib.import_module("numpylenet")
+    for part in dotted.split("."):
+        target = getattr(target, part) if hasattr(target, part) else importlib.import_module(
+            f"{target.__name__}.{part}")
+    return target
+
+
+def test_kernel_table_has_a_row_per_layer():
+    layers_named = {row[0] for row in kernel_table()}
+    assert {"conv1", "conv2", "conv3", "fc1", "fc2", "flatten", "loss", "network", "Adam", "SGD"} <= layers_named
+
+
+@pytest.mark.parametrize("row", kernel_table(), ids=lambda row: row[0])
+def test_kernel_table_names_exist(row):
+    for name in TICKED.findall(row[1]):
+        numpy_object(name)
+    kernels = kernels_module()
+    for name in TICKED.findall(row[2]):
+        if kernels is None:
+            assert defined_in_source(KERNELS_PATH, name), f"kernels.py defines no {name}"
+        else:
+            assert hasattr(kernels, name), f"kernels.py has no {name}"
+
+
+def class_docstrings(cls) -> str:
+    """The docstrings of a class and of its bases inside numpylenet."""
+    return "\n".join(klass.__doc__ or "" for klass in cls.__mro__ if klass.__module__.startswith("numpylenet"))
+
+
+@pytest.mark.parametrize("row", [row for row in kernel_table() if TICKED.findall(row[2])], ids=lambda row: row[0])
+def test_kernel_table_links_both_ways(row):
+    """Each NumPy class of a row names the row's kernels, and each kernel names the NumPy classes."""
+    kernel_names = TICKED.findall(row[2])
+    classes = set()
+    for name in TICKED.findall(row[1]):
+        target = numpy_object(name)
+        classes.add(target if isinstance(target, type) else numpy_object(name.rpartition(".")[0]))
+    for cls in classes:
+        missing = [kernel for kernel in kernel_names if kernel not in class_docstrings(cls)]
+        assert not missing, f"{cls.__name__}'s docstring does not name its Numba kernels {missing}"
+    kernels = kernels_module()
+    for kernel in kernel_names:
+        doc = (getattr(kernels, kernel).__doc__ if kernels is not None else
+               next(ast.get_docstring(node) for node in ast.parse(KERNELS_PATH.read_text()).body
+                    if getattr(node, "name", None) == kernel))
+        missing = [cls.__name__ for cls in classes if cls.__name__ not in doc]
+        assert not missing, f"kernels.{kernel}'s docstring does not name the layers it mirrors {missing}"
+
+
+def readme_layout_row(path: str) -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return next(line for line in readme.splitlines() if line.startswith(f"| `{path}` |"))
+
+
+@pytest.mark.parametrize("path", ["numpylenet/kernels.py", "numpylenet/engine.py"])
+def test_readme_layout_names_of_the_numba_modules_exist(path):
+    names = [name for name in TICKED.findall(readme_layout_row(path).split("|")[2]) if "." not in name]
+    assert names, f"README's layout row for {path} names nothing"
+    if path.endswith("kernels.py") and kernels_module() is None:
+        for name in names:
+            assert defined_in_source(ROOT / path, name), f"README names {path}: {name}, not there"
+        return
+    if path.endswith("engine.py") and kernels_module() is None:
+        pytest.skip("the engine needs Numba")
+    module = load_module(path)
+    for name in names:
+        assert hasattr(module, name), f"README names {path}: {name}, which is not there"

@@ -8,24 +8,31 @@ lands near 1e-15); float32 2e-5 (sums of up to a few thousand products in anothe
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from helpers import TOLERANCE, assert_close
 from numpylenet import SGD, Adam, LeNet5, layers, softmax_cross_entropy
-from numpylenet.backend import (BACKENDS, ENVIRONMENT_VARIABLE, numba_unavailable_reason,
+from numpylenet.backend import (ENVIRONMENT_VARIABLE, available_cores, numba_unavailable_reason,
                                 resolve_backend, set_threads)
+from numpylenet.model import ACTIVATIONS, POOLS
+from numpylenet.names import ACTIVATION_NAMES, BACKEND_NAMES, POOL_NAMES
 
 if numba_unavailable_reason() is not None:
     pytest.skip(f"numba backend unavailable: {numba_unavailable_reason()}", allow_module_level=True)
 
-from numpylenet import kernels  # noqa: E402  (only once we know numba imports)
+from numpylenet import blas, engine, kernels  # noqa: E402  (only once we know numba imports)
 
+ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (np.float32, np.float64)
 TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): TOLERANCE[np.dtype(np.float32)]}
-ACTIVATIONS = {"relu": layers.ReLU, "tanh": layers.Tanh, "sigmoid": layers.Sigmoid}
-POOLS = {"avg": layers.AvgPool2d, "max": layers.MaxPool2d}
-COMBINATIONS = [(a, p) for a in ACTIVATIONS for p in POOLS]
+COMBINATIONS = [(a, p) for a in ACTIVATION_NAMES for p in POOL_NAMES]
+ODD_BATCH = 2 * kernels.SUB_BATCH + 3       # two whole sub-batches and a part of one
 
 
 def random(shape, dtype=np.float64, seed=0):
@@ -40,13 +47,22 @@ def nchw(x):
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def codes(activation, pool="avg"):
+    return kernels.Codes(kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool])
+
+
+def tolerance(dtype):
+    return TOL[np.dtype(dtype)]
+
+
 # --------------------------------------------------------------------------------------------
 # im2col / col2im channels-last, against layers.im2col / layers.col2im
 # --------------------------------------------------------------------------------------------
 
 def channels_last_cols(cols, channels, kh, kw):
-    """The reference cols (C kh kw, N OH OW), rearranged to im2col_channels_last's (N OH OW, kh kw C)."""
-    return np.ascontiguousarray(cols.reshape(channels, kh, kw, -1).transpose(3, 1, 2, 0).reshape(-1, kh * kw * channels))
+    """The reference cols (C kh kw, N OH OW) as im2col_channels_last's (N OH OW, kh kw C)."""
+    by_window = cols.reshape(channels, kh, kw, -1).transpose(3, 1, 2, 0)
+    return np.ascontiguousarray(by_window.reshape(-1, kh * kw * channels))
 
 
 def check_im2col(shape, kernel, dtype=np.float64):
@@ -64,7 +80,7 @@ def check_im2col(shape, kernel, dtype=np.float64):
     grad_x_last = np.zeros((n, h, w, c), dtype)
     kernels.col2im_channels_last(channels_last_cols(grad_cols, c, kh, kw), kh, kw, grad_x_last)
     assert_close(f"col2im {shape} {kernel}", {"col2im_channels_last": (nchw(grad_x_last), expected)},
-                 TOL[np.dtype(dtype)])
+                 tolerance(dtype))
     assert np.isclose(np.sum(reference * grad_cols), np.sum(nchw(grad_x_last) * x),
                       rtol=1e-4 if dtype == np.float32 else 1e-12)
 
@@ -79,8 +95,9 @@ def test_im2col_kernel_is_input(): check_im2col((2, 4, 5, 5), (5, 5))
 # Pointwise and pooling kernels, against the layers
 # --------------------------------------------------------------------------------------------
 
-def check_bias_activation(activation, dtype, shape=(37, 6)):
-    z, bias = random(shape, dtype) * 3, random(shape[1:], dtype, seed=1)
+def check_bias_activation(activation, dtype, shape=(37, 6), scale=3.0):
+    """bias_activation and activation_backward vs the activation layer's forward and backward."""
+    z, bias = random(shape, dtype) * scale, random(shape[1:], dtype, seed=1)
     reference_layer = ACTIVATIONS[activation]()
     expected = reference_layer.forward(z + bias)
     ours = z.copy()
@@ -90,86 +107,171 @@ def check_bias_activation(activation, dtype, shape=(37, 6)):
     ours_grad = grad.copy()
     kernels.activation_backward(ours_grad, ours, kernels.ACTIVATION_CODES[activation])
     assert_close(f"{activation} {np.dtype(dtype)}", {"forward": (ours, expected),
-                                                  "backward": (ours_grad, expected_grad)}, TOL[np.dtype(dtype)])
+                                                  "backward": (ours_grad, expected_grad)}, tolerance(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
 def test_bias_activation(activation, dtype): check_bias_activation(activation, dtype)
-def test_bias_identity(): z, b = random((5, 3)), random(3, seed=1); ours = z.copy(); kernels.bias_activation(ours, b, kernels.IDENTITY); assert np.array_equal(ours, z + b)
-def test_sigmoid_extreme_inputs(): check_bias_activation("sigmoid", np.float64, shape=(3, 4)); z = np.array([[-1e4, 1e4]]); kernels.bias_activation(z, np.zeros(2), kernels.SIGMOID); assert np.array_equal(z, [[0.0, 1.0]])
+def test_sigmoid_large_inputs(): check_bias_activation("sigmoid", np.float64, shape=(3, 4), scale=1e3)
+def test_sigmoid_small_shape(): check_bias_activation("sigmoid", np.float64, shape=(3, 4))
+
+
+def test_bias_identity_adds_the_bias_exactly():
+    z, bias = random((5, 3)), random(3, seed=1)
+    ours = z.copy()
+    kernels.bias_activation(ours, bias, kernels.IDENTITY)
+    assert np.array_equal(ours, z + bias)
+
+
+def test_sigmoid_extreme_inputs_saturate_exactly():
+    z = np.array([[-1e4, 1e4]])
+    kernels.bias_activation(z, np.zeros(2), kernels.SIGMOID)
+    assert np.array_equal(z, [[0.0, 1.0]])
 
 
 def check_pool(activation, pool, shape, kernel, dtype=np.float64, transposed_out=False):
     """pool_forward and pool_activation_backward vs Pool2d then the activation's backward."""
     n, c, h, w = shape
-    kh, kw = kernel
     act_layer, pool_layer = ACTIVATIONS[activation](), POOLS[pool](kernel)
     x = random(shape, dtype)
-    x[0, 0, :kh, :kw] = -1              # relu: a window of ties at 0 (the first one wins, as in torch)
+    x[0, 0, :kernel[0], :kernel[1]] = -1    # relu: a window of ties at 0 (the first one wins, as in torch)
     y = act_layer.forward(x)
     pooled_ref = pool_layer.forward(y)
     oh, ow = pooled_ref.shape[2:]
-    if transposed_out:                  # (N, C, OH, OW) storage seen as (N, OH, OW, C), as LeNet's p2
+    if transposed_out:                  # (N, C, OH, OW) storage seen as (N, OH, OW, C), as LeNet's pool2
         storage = np.full((n, c, oh, ow), np.nan, dtype)
         out = storage.transpose(0, 2, 3, 1)
     else:
         out = storage = np.full((n, oh, ow, c), np.nan, dtype)
-    kernels.pool_forward(nhwc(y), kernels.POOL_CODES[pool], kh, kw, out)
+    kernels.pool_forward(nhwc(y), kernels.POOL_CODES[pool], kernel, out)
     if pool == "max":                   # picking is exact; averaging rounds (sum * (1/k) vs mean)
         assert np.array_equal(nchw(out), pooled_ref)
     grad_pooled = random(pooled_ref.shape, dtype, seed=3)
     expected = act_layer.backward(pool_layer.backward(grad_pooled))
     grad_z = np.full((n, h, w, c), np.nan, dtype)
-    kernels.pool_activation_backward(nhwc(grad_pooled), nhwc(y), kernels.POOL_CODES[pool],
-                                     kernels.ACTIVATION_CODES[activation], kh, kw, grad_z)
+    kernels.pool_activation_backward(nhwc(grad_pooled), nhwc(y), codes(activation, pool), kernel, grad_z)
     assert_close(f"pool {activation}/{pool} {shape}", {"pooled": (nchw(out), pooled_ref),
-                                                     "grad_z": (nchw(grad_z), expected)}, TOL[np.dtype(dtype)])
+                                                     "grad_z": (nchw(grad_z), expected)}, tolerance(dtype))
 
 
 @pytest.mark.parametrize("activation, pool", COMBINATIONS)
 def test_pool_lenet_shapes(activation, pool): check_pool(activation, pool, (2, 6, 28, 28), (2, 2), np.float32)
-@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("pool", POOL_NAMES)
 def test_pool_odd_sizes_floor_mode(pool): check_pool("tanh", pool, (3, 4, 7, 9), (2, 2))
-@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("pool", POOL_NAMES)
 def test_pool_nonsquare_window(pool): check_pool("sigmoid", pool, (1, 3, 8, 7), (3, 2))
 def test_pool_transposed_output(): check_pool("relu", "avg", (2, 16, 10, 10), (2, 2), transposed_out=True)
 
 
-def check_conv_single_channel(activation, pool, shape, dtype=np.float64):
-    """conv_single_channel_forward / _backward vs Conv2d(1, C, 5), the activation, 2x2 pooling."""
+# --------------------------------------------------------------------------------------------
+# The layer kernels, against Conv2d / Linear followed by the activation (and pooling)
+# --------------------------------------------------------------------------------------------
+
+def reference_conv_block(in_channels, out_channels, activation, pool, x, grad_pooled, dtype):
+    """Conv2d(in, out, 5), the activation and 2x2 pooling: the outputs, dL/dx and the conv's layer."""
+    conv = layers.Conv2d(in_channels, out_channels, 5, dtype=dtype, rng=np.random.default_rng(1))
+    act_layer, pool_layer = ACTIVATIONS[activation](), POOLS[pool](2)
+    y = act_layer.forward(conv.forward(x))
+    pooled = pool_layer.forward(y)
+    grad_x = conv.backward(act_layer.backward(pool_layer.backward(grad_pooled(pooled.shape))))
+    return y, pooled, grad_x, conv
+
+
+def check_conv1(activation, pool, shape, dtype=np.float64):
+    """conv1_forward / conv1_backward vs Conv2d(1, C, 5), the activation, 2x2 pooling."""
     n, h, w, channels = shape
     out_h, out_w = h - 4, w - 4
-    conv = layers.Conv2d(1, channels, 5, dtype=dtype, rng=np.random.default_rng(1))
-    act_layer, pool_layer = ACTIVATIONS[activation](), POOLS[pool](2)
     x = random((n, 1, h, w), dtype)
-    y_ref = act_layer.forward(conv.forward(x))
-    pooled_ref = pool_layer.forward(y_ref)
-    codes = kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool]
-    weight = conv.weight.data.reshape(channels, 25)
+    grad_pooled = random((n, channels, out_h // 2, out_w // 2), dtype, seed=2)
+    y_ref, pooled_ref, grad_x_ref, conv = reference_conv_block(1, channels, activation, pool, x,
+                                                               lambda shape: grad_pooled, dtype)
+    conv1 = (conv.weight.data.reshape(channels, 25), conv.bias.data)
     y = np.full((n, channels, out_h, w), np.nan, dtype)        # the input's row width, w
     pooled = np.full(nhwc(pooled_ref).shape, np.nan, dtype)
-    kernels.conv_single_channel_forward(x, weight, conv.bias.data, *codes, y, pooled)
+    kernels.conv1_forward(x, conv1, codes(activation, pool), y=y, pooled=pooled)
 
-    grad_pooled = random(pooled_ref.shape, dtype, seed=2)
-    grad_x_ref = conv.backward(act_layer.backward(pool_layer.backward(grad_pooled)))
-    grad_weight, grad_bias = np.ones((channels, 25), dtype), np.ones(channels, dtype)   # added to
+    grad_conv1 = (np.ones((channels, 25), dtype), np.ones(channels, dtype))    # added to
     grad_z = np.full((channels, out_h, w), np.nan, dtype)
     grad_x = np.full(x.shape, np.nan, dtype)
-    kernels.conv_single_channel_backward(x, weight, y, nhwc(grad_pooled), *codes, grad_weight,
-                                         grad_bias, grad_z, grad_x, True)
-    assert_close(f"conv1 direct {activation}/{pool} {shape}", {
-        "y": (y[..., :out_w], y_ref), "pooled": (nchw(pooled), pooled_ref),
-        "grad_x": (grad_x, grad_x_ref), "grad_weight": (grad_weight - 1, conv.weight.grad.reshape(channels, 25)),
-        "grad_bias": (grad_bias - 1, conv.bias.grad)}, TOL[np.dtype(dtype)])
+    kernels.conv1_backward(nhwc(grad_pooled), x, y, conv1, codes(activation, pool), grad_conv1=grad_conv1,
+                           grad_z=grad_z, grad_x=grad_x, input_grad=True)
+    assert_close(f"conv1 {activation}/{pool} {shape}", {
+        "y": (y[..., :out_w], y_ref), "pooled": (nchw(pooled), pooled_ref), "grad_x": (grad_x, grad_x_ref),
+        "grad_weight": (grad_conv1[0] - 1, conv.weight.grad.reshape(channels, 25)),
+        "grad_bias": (grad_conv1[1] - 1, conv.bias.grad)}, tolerance(dtype))
     assert np.all(y.reshape(n, channels, -1)[:, :, -4:] == 0)            # past the last window
 
 
 @pytest.mark.parametrize("activation, pool", COMBINATIONS)
-def test_conv_single_channel_lenet_shape(activation, pool): check_conv_single_channel(activation, pool, (3, 32, 32, 6), np.float32)
-@pytest.mark.parametrize("pool", list(POOLS))
-def test_conv_single_channel_odd_sizes_floor_mode(pool): check_conv_single_channel("tanh", pool, (2, 12, 9, 3))
-def test_conv_single_channel_batch1_float64(): check_conv_single_channel("relu", "max", (1, 32, 32, 6))
+def test_conv1_lenet_shape(activation, pool): check_conv1(activation, pool, (3, 32, 32, 6), np.float32)
+@pytest.mark.parametrize("pool", POOL_NAMES)
+def test_conv1_odd_sizes_floor_mode(pool): check_conv1("tanh", pool, (2, 12, 9, 3))
+def test_conv1_batch1_float64(): check_conv1("relu", "max", (1, 32, 32, 6))
+
+
+def check_conv2(activation, pool, shape, dtype=np.float64):
+    """conv2_forward / conv2_backward vs Conv2d(C_in, C_out, 5), the activation, 2x2 pooling."""
+    n, in_channels, h, w, out_channels = shape
+    out_h, out_w = h - 4, w - 4
+    x = random((n, in_channels, h, w), dtype)
+    grad_pooled = random((n, out_channels, out_h // 2, out_w // 2), dtype, seed=2)
+    y_ref, pooled_ref, grad_x_ref, conv = reference_conv_block(in_channels, out_channels, activation,
+                                                               pool, x, lambda shape: grad_pooled, dtype)
+    weight = np.empty((out_channels, 25 * in_channels), dtype)              # in (i, j, c) order
+    kernels.permute_conv_weight(conv.weight.data.reshape(out_channels, -1), 25, weight)
+    cols = np.full(n * out_h * out_w * weight.shape[1], np.nan, dtype)
+    y = np.full((n, out_h, out_w, out_channels), np.nan, dtype)
+    pooled = np.full(pooled_ref.shape, np.nan, dtype)                    # (c, h, w) order, as pool2
+    kernels.conv2_forward(nhwc(x), (weight, conv.bias.data), codes(activation, pool), cols=cols, y=y,
+                          pooled=pooled)
+
+    grad_conv2 = (np.ones_like(weight), np.ones(out_channels, dtype))  # added to
+    grad_z = np.full(y.shape, np.nan, dtype)
+    grad_x = np.full((n, h, w, in_channels), np.nan, dtype)
+    kernels.conv2_backward(grad_pooled, nhwc(x), y, (weight, conv.bias.data), codes(activation, pool),
+                           grad_conv2=grad_conv2, cols=cols, grad_z=grad_z, grad_x=grad_x)
+    grad_weight = np.zeros((out_channels, weight.shape[1]), dtype)         # back to torch's order
+    kernels.add_unpermuted_conv_weight(grad_conv2[0] - 1, 25, grad_weight)
+    assert_close(f"conv2 {activation}/{pool} {shape}", {
+        "y": (nchw(y), y_ref), "pooled": (pooled, pooled_ref), "grad_x": (nchw(grad_x), grad_x_ref),
+        "grad_weight": (grad_weight, conv.weight.grad.reshape(out_channels, -1)),
+        "grad_bias": (grad_conv2[1] - 1, conv.bias.grad)}, tolerance(dtype))
+
+
+@pytest.mark.parametrize("activation, pool", COMBINATIONS)
+def test_conv2_lenet_shape(activation, pool): check_conv2(activation, pool, (3, 6, 14, 14, 16), np.float32)
+@pytest.mark.parametrize("pool", POOL_NAMES)
+def test_conv2_odd_sizes_floor_mode(pool): check_conv2("sigmoid", pool, (2, 3, 11, 10, 5))
+def test_conv2_batch1_float64(): check_conv2("relu", "max", (1, 6, 14, 14, 16))
+
+
+def check_dense(activation, shape, dtype=np.float64):
+    """dense_forward / dense_backward vs Linear(in, out) then the activation (None: fc2's identity)."""
+    n, in_features, out_features = shape
+    linear = layers.Linear(in_features, out_features, dtype=dtype, rng=np.random.default_rng(1))
+    act_layer = ACTIVATIONS[activation]() if activation else layers.Flatten()   # Flatten: identity on 2-D
+    code = kernels.ACTIVATION_CODES[activation] if activation else kernels.IDENTITY
+    x, grad_y = random((n, in_features), dtype), random((n, out_features), dtype, seed=2)
+    y_ref = act_layer.forward(linear.forward(x))
+    grad_x_ref = linear.backward(act_layer.backward(grad_y))
+    layer = (linear.weight.data, linear.bias.data)
+    y = np.full((n, out_features), np.nan, dtype)
+    kernels.dense_forward(x, layer, code, y=y)
+    grad_layer = (np.ones_like(linear.weight.data), np.ones_like(linear.bias.data))   # added to
+    grad_x = np.full(x.shape, np.nan, dtype)
+    kernels.dense_backward(grad_y.copy(), x, y, layer, code, grad_layer=grad_layer, grad_x=grad_x)
+    assert_close(f"dense {activation} {shape}", {
+        "y": (y, y_ref), "grad_x": (grad_x, grad_x_ref),
+        "grad_weight": (grad_layer[0] - 1, linear.weight.grad),
+        "grad_bias": (grad_layer[1] - 1, linear.bias.grad)}, tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_dense_conv3_shape(activation, dtype): check_dense(activation, (5, 400, 120), dtype)
+def test_dense_fc2_identity(): check_dense(None, (4, 84, 10))
+def test_dense_batch1_odd_widths(): check_dense("tanh", (1, 7, 3))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,7 +283,7 @@ def test_gemm(transpose_a, transpose_b, beta, dtype):
     b_stored = np.ascontiguousarray(b.T) if transpose_b else b
     ours = c.copy()
     kernels.gemm(a_stored, b_stored, ours, transpose_a, transpose_b, beta)
-    assert_close("gemm", {"C": (ours, a @ b + beta * c)}, TOL[np.dtype(dtype)])
+    assert_close("gemm", {"C": (ours, a @ b + beta * c)}, tolerance(dtype))
 
 
 def test_permute_conv_weight():
@@ -197,6 +299,30 @@ def test_add_unpermuted_conv_weight_inverts_permute():
     restored = np.ones((16, 150))
     kernels.add_unpermuted_conv_weight(permuted, 25, restored)
     assert np.array_equal(restored, weight + 1)
+
+
+def test_parameter_views_are_the_models_parameters():
+    model = LeNet5(backend="numpy", seed=0)
+    views = kernels.parameter_views(model.flat_data)
+    for (name, param), view in zip(model.named_parameters(), (array for pair in views for array in pair)):
+        assert np.shares_memory(view, model.flat_data), name
+        assert np.array_equal(view, param.data.reshape(view.shape)), name
+
+
+def test_workspace_sizes_follow_the_network():
+    """Every per-batch array has the shape of the NumPy layers' output it stands for."""
+    model, x = LeNet5(backend="numpy", seed=0), random((3, 1, 32, 32), np.float32)
+    work = kernels.make_workspace(3, 2, np.float32)
+    outputs = {}
+    for layer in model.layers:
+        x = outputs[layer] = layer.forward(x)
+    conv1, pool1, conv2, pool2, conv3, fc1, logits = (outputs[model.layers[index]]
+                                                      for index in (1, 2, 4, 5, 8, 10, 11))
+    assert work.conv1.shape[:3] == conv1.shape[:3] and work.pool1.shape == nhwc(pool1).shape
+    assert work.conv2.shape == nhwc(conv2).shape and work.pool2.shape == pool2.shape
+    assert (work.conv3.shape, work.fc1.shape, work.logits.shape) == (conv3.shape, fc1.shape, logits.shape)
+    assert all(array.dtype == np.float32 for array in work)
+    assert work.grads.shape == (2, model.num_parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +347,8 @@ def check_lenet5(activation, pool, dtype, batch_size, scale=1.0):
         pairs[f"grad_input{step}"] = (model.backward(grad_ref), reference.backward(grad_ref))
     pairs.update({"grad_" + name: (param.grad, ref.grad) for (name, param), ref
                   in zip(model.named_parameters(), reference.parameters())})
-    assert_close(f"LeNet5 numba {activation}/{pool} {np.dtype(dtype)} N={batch_size}", pairs, TOL[np.dtype(dtype)])
+    label = f"LeNet5 numba {activation}/{pool} {np.dtype(dtype)} N={batch_size}"
+    assert_close(label, pairs, tolerance(dtype))
 
 
 @pytest.mark.parametrize("activation, pool", COMBINATIONS)
@@ -229,7 +356,7 @@ def test_lenet5_float64(activation, pool): check_lenet5(activation, pool, np.flo
 @pytest.mark.parametrize("activation, pool", COMBINATIONS)
 def test_lenet5_float32(activation, pool): check_lenet5(activation, pool, np.float32, 6)
 def test_lenet5_batch1(): check_lenet5("relu", "max", np.float64, 1)
-def test_lenet5_batch_not_multiple_of_sub_batch(): check_lenet5("tanh", "avg", np.float64, 2 * kernels.SUB_BATCH + 3)
+def test_lenet5_batch_not_multiple_of_sub_batch(): check_lenet5("tanh", "avg", np.float64, ODD_BATCH)
 def test_lenet5_large_inputs(): check_lenet5("sigmoid", "avg", np.float32, 4, scale=50.0)
 
 
@@ -237,7 +364,8 @@ def test_lenet5_batch_size_changes_and_input_dtype_is_cast():
     reference, model = twin_models(dtype=np.float32)
     for batch_size in (3, 1, 7):
         x = random((batch_size, 1, 32, 32), np.float64, seed=batch_size)
-        assert_close(f"N={batch_size}", {"logits": (model.forward(x), reference.forward(x))}, TOL[np.dtype(np.float32)])
+        pairs = {"logits": (model.forward(x), reference.forward(x))}
+        assert_close(f"N={batch_size}", pairs, tolerance(np.float32))
 
 
 def test_backward_without_input_gradient_and_before_forward():
@@ -249,7 +377,7 @@ def test_backward_without_input_gradient_and_before_forward():
     model.forward(x)
     assert model.backward(grad, input_grad=False) is None
     reference.backward(grad)
-    assert_close("input_grad=False", {"grad": (model.flat_grad, reference.flat_grad)}, TOL[np.dtype(np.float64)])
+    assert_close("input_grad=False", {"grad": (model.flat_grad, reference.flat_grad)}, tolerance(np.float64))
     with pytest.raises(ValueError, match=r"grad_logits of shape \(3, 10\)"):
         model.backward(np.zeros((2, 10)))
 
@@ -269,7 +397,7 @@ def test_results_do_not_depend_on_thread_count():
         results.append((logits, model.flat_grad.copy()))
     numba.set_num_threads(previous)
     assert_close("1 vs all threads", {"logits": (results[-1][0], results[0][0]),
-                                      "grad": (results[-1][1], results[0][1])}, TOL[np.dtype(np.float64)])
+                                      "grad": (results[-1][1], results[0][1])}, tolerance(np.float64))
 
 
 def train_twins(make_optimizer, dtype, steps=4):
@@ -316,14 +444,52 @@ def test_fused_optimizer_state_round_trip():
     for optimizer in (fresh, reference_opt):
         optimizer.params[0].grad.fill(0.5)      # any gradient, the same for both
     model.flat_grad[:] = reference.flat_grad
-    fresh.step(), reference_opt.step()
+    fresh.step()
+    reference_opt.step()
     assert np.array_equal(model.flat_data, reference.flat_data)
 
 
 def test_optimizer_on_other_parameters_is_not_fused():
-    model = LeNet5(backend="numba", seed=0)
+    model, other = LeNet5(backend="numba", seed=0), LeNet5(backend="numba", seed=1)
+    assert Adam(model.parameters()).fused_buffers is not None
     assert Adam(model.parameters()[1:]).fused_buffers is None        # not the whole buffer
+    assert Adam(model.parameters()[::-1]).fused_buffers is None      # not in the buffer's order
+    assert Adam(model.parameters() + other.parameters()).fused_buffers is None
     assert Adam(LeNet5(backend="numpy").parameters()).fused_buffers is None
+    rebound = model.parameters()
+    rebound[3].data = rebound[3].data.copy()                         # no longer a view of the buffer
+    assert Adam(rebound).fused_buffers is None
+
+
+def step_with_gradients(optimizers, models, steps=3, dtype=np.float32):
+    """The same random gradients into every model's flat_grad, then every optimiser steps."""
+    for step in range(steps):
+        grad = random(models[0].flat_grad.shape, dtype, seed=step)
+        for model in models:
+            model.flat_grad[:] = grad
+        for optimizer in optimizers:
+            optimizer.step()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_unfused_reordered_parameters_give_the_fused_numbers(name):
+    fused_model, model = (LeNet5(backend="numba", seed=3) for _ in range(2))
+    fused, reordered = OPTIMIZERS[name](fused_model.parameters()), OPTIMIZERS[name](model.parameters()[::-1])
+    assert fused.fused_buffers is not None and reordered.fused_buffers is None
+    step_with_gradients([fused, reordered], [fused_model, model])
+    assert np.array_equal(model.flat_data, fused_model.flat_data)
+    assert not np.array_equal(model.flat_data, LeNet5(backend="numba", seed=3).flat_data)   # it moved
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_unfused_two_models_give_the_fused_numbers(name):
+    first, second, fused_first, fused_second = (LeNet5(backend="numba", seed=s) for s in (1, 2, 1, 2))
+    joint = OPTIMIZERS[name](first.parameters() + second.parameters())
+    fused = [OPTIMIZERS[name](model.parameters()) for model in (fused_first, fused_second)]
+    assert joint.fused_buffers is None and all(f.fused_buffers is not None for f in fused)
+    step_with_gradients([joint, *fused], [first, second, fused_first, fused_second])
+    assert np.array_equal(first.flat_data, fused_first.flat_data)
+    assert np.array_equal(second.flat_data, fused_second.flat_data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,16 +497,14 @@ def test_optimizer_on_other_parameters_is_not_fused():
 # --------------------------------------------------------------------------------------------
 
 def test_engine_rejects_other_networks():
-    from numpylenet.backend import NumbaLeNet5
-
     model = LeNet5(backend="numpy")
     model.fc2 = layers.Linear(84, 11)
     with pytest.raises(ValueError, match="written for LeNet-5's parameters"):
-        NumbaLeNet5(model)
+        engine.NumbaLeNet5.for_model(model)
 
 
 def test_backend_names():
-    assert BACKENDS == ("numpy", "numba")
+    assert BACKEND_NAMES == ("numpy", "numba")
     assert LeNet5(backend="numpy").engine is None and LeNet5(backend="numba").engine is not None
 
 
@@ -360,42 +524,87 @@ def test_bad_backend_names(monkeypatch):
         LeNet5()
 
 
-def test_set_threads():
+@pytest.fixture
+def restore_threads():
     import numba
 
-    previous_numba, previous_blas = numba.get_num_threads(), kernels.blas_threads()
-    try:
-        set_threads(1)
-        assert numba.get_num_threads() == 1 and kernels.blas_threads() == 1
-        set_threads(64)
-        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
-        with pytest.raises(ValueError, match="threads must be >= 1"):
-            set_threads(0)
-    finally:
-        numba.set_num_threads(previous_numba)
-        kernels.set_blas_threads(previous_blas)
+    previous_numba, previous_blas = numba.get_num_threads(), blas.blas_threads()
+    yield
+    numba.set_num_threads(previous_numba)
+    blas.set_blas_threads(previous_blas)
+
+
+def test_set_threads(restore_threads):
+    import numba
+
+    assert set_threads(1) == 1
+    assert numba.get_num_threads() == 1 and blas.blas_threads() == 1
+    set_threads(64)
+    assert numba.get_num_threads() == min(numba.config.NUMBA_NUM_THREADS, available_cores())
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        set_threads(0)
+
+
+def test_set_threads_caps_at_the_cores_available(restore_threads):
+    """--threads 1000 once set BLAS to 64 threads on 2 cores: more threads than cores only wait."""
+    import numba
+
+    cores = len(os.sched_getaffinity(0))
+    assert available_cores() == cores
+    assert set_threads(1000) == cores
+    assert blas.blas_threads() == cores
+    assert numba.get_num_threads() == min(cores, numba.config.NUMBA_NUM_THREADS)
 
 
 def test_kernels_leave_blas_threads_alone():
-    previous = kernels.blas_threads()
-    kernels.set_blas_threads(2)
+    previous = blas.blas_threads()
+    blas.set_blas_threads(2)
     try:
         model = LeNet5(backend="numba")
-        model.backward(softmax_cross_entropy(model.forward(random((2, 1, 32, 32), np.float32)), np.array([0, 1]))[1])
-        assert kernels.blas_threads() == 2
+        logits = model.forward(random((2, 1, 32, 32), np.float32))
+        model.backward(softmax_cross_entropy(logits, np.array([0, 1]))[1])
+        assert blas.blas_threads() == 2
     finally:
-        kernels.set_blas_threads(previous)
+        blas.set_blas_threads(previous)
 
 
 def test_starting_the_thread_pool_leaves_the_environment_alone():
-    import os
-
     names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
     before = {name: os.environ.get(name) for name in names}
-    kernels._start_thread_pool()
+    engine.start_thread_pool()
     assert {name: os.environ.get(name) for name in names} == before
 
 
-def test_warmup_returns_seconds():
-    seconds = kernels.warmup()
+def run_python(program: str) -> None:
+    """Run ``program`` in a fresh interpreter at the repository's top; fail with its stderr."""
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_importing_the_kernels_starts_no_threads_and_leaves_the_environment_alone():
+    run_python("import os\n"
+               "before = dict(os.environ)\n"
+               "import numpylenet.kernels, numpylenet.engine\n"
+               "import numba.np.ufunc.parallel as parallel\n"
+               "assert not parallel._is_initialized, 'the thread pool started at import'\n"
+               "assert dict(os.environ) == before\n"
+               "import numpylenet\n"
+               "numpylenet.LeNet5(backend='numba')\n"
+               "assert parallel._is_initialized, 'building an engine did not start the pool'\n"
+               "assert dict(os.environ) == before\n")
+
+
+def test_warmup_compiles_everything_a_training_step_runs():
+    """After warmup, training steps of both dtypes and both optimisers compile nothing new."""
+    seconds = engine.warmup()
     assert isinstance(seconds, float) and seconds >= 0
+    dispatchers = (kernels.lenet_forward, kernels.lenet_backward, kernels.adam_step, kernels.sgd_step)
+    compiled = [len(dispatcher.signatures) for dispatcher in dispatchers]
+    for dtype in DTYPES:
+        for make_optimizer in (OPTIMIZERS["adam"], OPTIMIZERS["sgd_nesterov"], OPTIMIZERS["sgd"]):
+            model = LeNet5(activation="tanh", pool="max", dtype=dtype, seed=0, backend="numba")
+            optimizer = make_optimizer(model.parameters())
+            logits = model.forward(random((5, 1, 32, 32)))
+            model.backward(softmax_cross_entropy(logits, np.arange(5))[1], input_grad=False)
+            optimizer.step()
+    assert [len(dispatcher.signatures) for dispatcher in dispatchers] == compiled

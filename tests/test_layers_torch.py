@@ -104,3 +104,40 @@ def test_parameter_gradients_accumulate(make_ours, make_torch, input_shape, dtyp
                          ids=["2", "overlapping", "stride1"])
 def test_maxpool_ties_go_to_the_first_maximum(args, kwargs, dtype):
     check_layer(*stateless(MaxPool2d, nn.MaxPool2d, *args, **kwargs), (2, 2, 7, 8), dtype, scale=0.0)
+
+
+# NaN follows torch's rules: ReLU passes the gradient at a NaN input (torch's threshold_backward
+# zeroes it only where y <= 0, which NaN is not), and in a max-pooling window a NaN beats every
+# number and a later NaN beats an earlier one (torch's kernel: "val > maxval or isnan(val)").
+NAN, INF = np.nan, np.inf
+
+
+def check_nan_routing(ours, theirs, x: np.ndarray) -> None:
+    """Output and grad_input (upstream all ones) equal torch's exactly, NaN in the same places."""
+    x_torch = torch.from_numpy(x.copy()).requires_grad_()
+    y_torch = theirs(x_torch)
+    y_torch.backward(torch.ones_like(y_torch))
+    y = ours.forward(x.copy())
+    grad_input = ours.backward(np.ones_like(y))
+    np.testing.assert_array_equal(y, y_torch.detach().numpy())
+    np.testing.assert_array_equal(grad_input, x_torch.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_at_nan_passes_the_gradient_as_torch(dtype):
+    check_nan_routing(ReLU(), nn.ReLU(), np.array([[NAN, -1.0, 0.0, 2.0, INF, -INF]], dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [[NAN, 1, NAN, 2], [1, NAN, 3, NAN], [NAN, NAN, NAN, NAN], [5, 5, NAN, 5],
+                                    [NAN, 5, 5, 1], [-INF] * 4, [NAN, -INF, 1, 2]],
+                         ids=lambda window: "_".join(str(v) for v in window))
+def test_maxpool_routes_nan_windows_as_torch(window, dtype):
+    check_nan_routing(MaxPool2d(2), nn.MaxPool2d(2), np.array(window, dtype).reshape(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxpool_routes_nan_in_overlapping_windows_as_torch(dtype):
+    x = np.array([[NAN, 1, 2, NAN], [3, NAN, 4, 4], [4, 4, 4, NAN], [NAN, 0, 1, 2]], dtype).reshape(1, 1, 4, 4)
+    check_nan_routing(MaxPool2d(3, stride=1), nn.MaxPool2d(3, stride=1), x)
+    check_nan_routing(MaxPool2d(2, stride=1), nn.MaxPool2d(2, stride=1), x)

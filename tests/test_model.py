@@ -9,7 +9,9 @@ import pytest
 
 from helpers import TOLERANCE, assert_close, assert_ok, torch_dtype
 from numpylenet import LeNet5, softmax_cross_entropy
+from numpylenet.backend import numba_unavailable_reason
 from numpylenet.compare import lenet5_vs_torch
+from numpylenet.names import ACTIVATION_NAMES, BACKEND_NAMES, POOL_NAMES
 
 PARAMETER_SHAPES = {
     "conv1.weight": (6, 1, 5, 5), "conv1.bias": (6,),
@@ -18,7 +20,7 @@ PARAMETER_SHAPES = {
     "fc1.weight": (84, 120), "fc1.bias": (84,),
     "fc2.weight": (10, 84), "fc2.bias": (10,),
 }
-COMBINATIONS = [(activation, pool) for activation in ("relu", "tanh", "sigmoid") for pool in ("avg", "max")]
+COMBINATIONS = [(activation, pool) for activation in ACTIVATION_NAMES for pool in POOL_NAMES]
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -229,3 +231,77 @@ def test_core_imports_without_torch():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", program], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Both backends: the same inputs accepted, the same rejected, the same way
+# --------------------------------------------------------------------------------------------
+
+def backends():
+    """Every backend, numba skipped (with the reason) where it cannot run."""
+    reason = numba_unavailable_reason()
+    return [pytest.param(name, marks=pytest.mark.skipif(name == "numba" and reason is not None,
+                                                        reason=f"numba backend unavailable: {reason}"))
+            for name in BACKEND_NAMES]
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_backward_does_not_depend_on_the_caller_keeping_x(backend):
+    """model(x); x[:] = 0; model.backward(g) gives the gradients of the x that went forward."""
+    images, labels = batch(5)
+    untouched, model = (LeNet5(dtype=np.float64, seed=1, backend=backend) for _ in range(2))
+    grad_logits = softmax_cross_entropy(untouched.forward(images), labels)[1]
+    expected_input_grad = untouched.backward(grad_logits)
+    x = images.copy()
+    model.forward(x)
+    x[:] = 0
+    pairs = {"grad_input": (model.backward(grad_logits), expected_input_grad)}
+    pairs.update({"grad_" + name: (param.grad, twin.grad) for (name, param), twin
+                  in zip(model.named_parameters(), untouched.parameters())})
+    assert_close(f"x overwritten after forward ({backend})", pairs, 0.0)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_batch_gives_empty_results(backend, dtype):
+    """As torch: no images in, logits (0, 10) and dL/dx (0, 1, 32, 32) out, no gradient added."""
+    model = LeNet5(dtype=dtype, seed=0, backend=backend)
+    logits = model.forward(np.zeros((0, 1, 32, 32), np.float64))
+    assert logits.shape == (0, 10) and logits.dtype == dtype
+    grad_input = model.backward(np.zeros((0, 10), dtype))
+    assert grad_input.shape == (0, 1, 32, 32) and grad_input.dtype == dtype
+    assert not np.any(model.flat_grad)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("grad, message", [
+    pytest.param(np.zeros((2, 10)), r"got float64 array of shape \(2, 10\)", id="batch_size"),
+    pytest.param(np.zeros((3, 9)), r"got float64 array of shape \(3, 9\)", id="classes"),
+    pytest.param(np.zeros(30), r"got float64 array of shape \(30,\)", id="rank1"),
+    pytest.param(np.zeros((3, 10), np.int64), r"got int64 array of shape \(3, 10\)", id="integers"),
+    pytest.param([["a"] * 10] * 3, r"got <U1 array of shape \(3, 10\)", id="strings"),
+])
+def test_backward_rejects_a_bad_gradient_alike_on_both_backends(backend, grad, message):
+    model = LeNet5(seed=0, backend=backend)
+    model.forward(batch(3, dtype=np.float32)[0])
+    expected = r"^LeNet5.backward expected floating-point grad_logits of shape \(3, 10\), "
+    with pytest.raises(ValueError, match=expected + message):
+        model.backward(grad)
+    assert not np.any(model.flat_grad)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_backward_before_forward_is_refused_alike_on_both_backends(backend):
+    with pytest.raises(RuntimeError, match="^LeNet5.backward called before forward$"):
+        LeNet5(seed=0, backend=backend).backward(np.zeros((2, 10), np.float32))
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", list(PARAMETER_SHAPES))
+def test_a_nan_weight_gives_a_nan_loss(backend, name):
+    """Diverged weights always show in the loss, which is what stops a run (the numba kernels,
+    compiled with fastmath, follow no NaN rule of their own; this is what they must still do)."""
+    model = LeNet5(activation="relu", pool="max", seed=0, backend=backend)
+    dict(model.named_parameters())[name].data.reshape(-1)[0] = np.nan
+    images, labels = batch(8, dtype=np.float32)
+    assert np.isnan(softmax_cross_entropy(model.forward(images), labels)[0])

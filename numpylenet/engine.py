@@ -1,0 +1,197 @@
+"""The Numba engine: what ``LeNet5(backend="numba")`` runs, on the kernels of :mod:`numpylenet.kernels`.
+
+* :class:`NumbaLeNet5` runs a model's forward and backward passes as the two fused parallel
+  kernels :func:`~numpylenet.kernels.lenet_forward` and :func:`~numpylenet.kernels.lenet_backward`,
+  reading the weights from the model's flat buffer and adding the gradients into its flat gradient
+  (see :meth:`numpylenet.LeNet5.flat_buffers`), in a :class:`~numpylenet.kernels.Workspace` built
+  once per batch size;
+* :func:`fused_adam_step` and :func:`fused_sgd_step` are :class:`numpylenet.Adam`'s and
+  :class:`numpylenet.SGD`'s steps over that whole buffer in one loop (the optimisers call them
+  when they were given exactly one such model's parameters);
+* :func:`warmup` compiles (or loads from Numba's disk cache) every kernel, without a model.
+
+Threads: importing this module starts none. Numba's thread pool is started by
+:func:`start_thread_pool` when the first engine is built (or when
+:func:`numpylenet.backend.set_threads` sets the thread count), so that it starts with the wait
+policy chosen there, not with libgomp's default.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+
+from . import kernels
+from .blas import blas_threads, set_blas_threads
+from .names import DTYPE_NAMES
+
+__all__ = ["NumbaLeNet5", "start_thread_pool", "fused_adam_step", "fused_sgd_step", "warmup"]
+
+
+def start_thread_pool() -> None:
+    """Start Numba's OpenMP thread pool with idle threads spinning about 1 ms before they sleep.
+
+    A thread that runs out of work either spins, ready to start the next parallel region at
+    once, or sleeps and must be woken by the kernel. Measured on this 2-core VM: waking a
+    sleeping thread costs ~110 us per region (OMP_WAIT_POLICY=PASSIVE), four times per training
+    step, and a 2-epoch run trained at 11,400 img/s; spinning for 100,000 rounds (libgomp's
+    estimate: 1 ms) it ran at 13,300 img/s, the next region usually arriving within that time.
+    libgomp's default, 3 ms, and the active policy, 5 minutes, are worse on a shared machine:
+    the spinning steals the core that another process or our last working thread needs.
+    libgomp reads ``GOMP_SPINCOUNT`` when it loads, so it is set only around starting Numba's
+    pool and reaches no other library (torch bundles its own libgomp). A user's own
+    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is left to take effect instead. Once the pool runs
+    (whoever started it) this does nothing.
+    """
+    import numba.np.ufunc.parallel as numba_parallel
+
+    if numba_parallel._is_initialized:
+        return
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        numba_parallel._launch_threads()
+        return
+    os.environ["GOMP_SPINCOUNT"] = "100000"
+    try:
+        numba_parallel._launch_threads()
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+@contextmanager
+def _kernel_threads(count: int):
+    """Run a fused kernel on ``count`` Numba threads, with BLAS on one thread.
+
+    BLAS runs single-threaded because the kernels parallelise over images themselves: a
+    multi-threaded BLAS called from two threads at once would fight them for the cores. And a
+    batch too small to split runs on one Numba thread, so no idle thread has to be woken (on a
+    busy machine waking it can cost milliseconds).
+    """
+    previous_blas, previous_numba = blas_threads(), numba.get_num_threads()
+    if previous_blas is not None and previous_blas != 1:
+        set_blas_threads(1)
+    if count != previous_numba:
+        numba.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != previous_numba:
+            numba.set_num_threads(previous_numba)
+        if previous_blas is not None and previous_blas != 1:
+            set_blas_threads(previous_blas)
+
+
+class NumbaLeNet5:
+    """LeNet-5's forward and backward passes on the fused kernels, over flat parameter buffers.
+
+    Reads the weights from ``flat_data`` and adds the gradients into ``flat_grad``, both
+    (NUM_PARAMETERS,) in :data:`~numpylenet.kernels.PARAMETER_SHAPES`' order, so everything else
+    about the model (its parameters, state_dict, the optimisers) stays as it is. Inputs are
+    checked by :class:`numpylenet.LeNet5` before they get here.
+
+    Parameters
+    ----------
+    flat_data, flat_grad : ndarray, shape (NUM_PARAMETERS,), one float dtype, C-contiguous.
+    activation, pool : names from :mod:`numpylenet.names`.
+    """
+
+    def __init__(self, flat_data: np.ndarray, flat_grad: np.ndarray, activation: str = "relu",
+                 pool: str = "avg"):
+        expected = (kernels.NUM_PARAMETERS,)
+        if (flat_data.shape != expected or flat_grad.shape != expected or flat_grad.dtype != flat_data.dtype
+                or not (flat_data.flags.c_contiguous and flat_grad.flags.c_contiguous)):
+            raise ValueError(f"the numba engine needs flat parameter and gradient buffers of shape "
+                             f"{expected} and one dtype, got {flat_data.shape} {flat_data.dtype} and "
+                             f"{flat_grad.shape} {flat_grad.dtype}")
+        start_thread_pool()
+        self.flat_data, self.flat_grad = flat_data, flat_grad
+        self.codes = kernels.Codes(kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool])
+        self.work: kernels.Workspace | None = None
+        self.threads = 0
+
+    @classmethod
+    def for_model(cls, model) -> NumbaLeNet5:
+        """The engine of ``model`` (a :class:`numpylenet.LeNet5`), whose parameters must be
+        LeNet-5's: the kernels are written for exactly those shapes."""
+        shapes = tuple((name, p.data.shape) for name, p in model.named_parameters())
+        if shapes != kernels.PARAMETER_SHAPES:
+            raise ValueError(f"the numba kernels are written for LeNet-5's parameters "
+                             f"{kernels.PARAMETER_SHAPES}, got {shapes}")
+        return cls(*model.flat_buffers(), model.activation, model.pool)
+
+    def _workspace(self, batch_size: int) -> kernels.Workspace:
+        """The workspace for ``batch_size`` images, split over as many threads as it has
+        sub-batches (at most Numba's thread count); rebuilt only when that changes."""
+        threads = max(1, min(numba.get_num_threads(), batch_size // kernels.SUB_BATCH))
+        if self.work is None or (self.work.x.shape[0], self.threads) != (batch_size, threads):
+            self.work = kernels.make_workspace(batch_size, threads, self.flat_data.dtype)
+            self.threads = threads
+        return self.work
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Logits (N, 10) for x (N, 1, 32, 32), a floating-point array of any float dtype."""
+        work = self._workspace(x.shape[0])
+        np.copyto(work.x, x)        # the backward pass reads this copy: the caller may reuse x
+        with _kernel_threads(self.threads):
+            kernels.lenet_forward(self.flat_data, self.codes, work)
+        return work.logits.copy()
+
+    def backward(self, grad_logits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Add dL/dW into ``flat_grad``; return dL/dx (N, 1, 32, 32) if ``input_grad``.
+
+        grad_logits : (N, 10), floating-point, N as in the last :meth:`forward`.
+        """
+        work = self.work
+        np.copyto(work.grad_logits, grad_logits)
+        with _kernel_threads(self.threads):
+            kernels.lenet_backward(self.flat_data, self.flat_grad, self.codes, work, bool(input_grad))
+        return work.grad_x.copy() if input_grad else None
+
+    @classmethod
+    def compile(cls, dtype) -> None:
+        """Run every kernel once, on a tiny batch and zero weights, so that Numba compiles them
+        (or loads them from its on-disk cache) for ``dtype``: both passes, with and without
+        dL/dx, and both fused optimiser steps. One compilation serves every activation and
+        pooling (the kernels take them as run-time codes)."""
+        dtype = np.dtype(dtype)
+        data, grad = np.zeros(kernels.NUM_PARAMETERS, dtype), np.zeros(kernels.NUM_PARAMETERS, dtype)
+        engine = cls(data, grad)
+        engine.forward(np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), dtype))
+        engine.backward(np.zeros((2, kernels.NUM_CLASSES), dtype))
+        state = np.zeros((2, kernels.NUM_PARAMETERS), dtype)
+        fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))
+        fused_sgd_step(data, grad, state[0], (0.1, 0.9, 0.0, 0.0, False), first_step=True)
+
+
+def fused_adam_step(data: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                    step: Sequence[float]) -> None:
+    """:meth:`numpylenet.Adam.step` over whole flat buffers in one parallel loop (the same result).
+
+    data, grad, exp_avg, exp_avg_sq : (P,), one dtype;  step : the step's six numbers, a
+    :class:`numpylenet.optim.AdamStep` (computed there, as for the NumPy loop)."""
+    kernels.adam_step(data, grad, exp_avg, exp_avg_sq, tuple(float(value) for value in step))
+
+
+def fused_sgd_step(data: np.ndarray, grad: np.ndarray, momentum_buffer: np.ndarray,
+                   settings: Sequence, first_step: bool) -> None:
+    """:meth:`numpylenet.SGD.step` over whole flat buffers in one parallel loop (the same result).
+
+    momentum_buffer : (P,), or empty without momentum;  settings : a
+    :class:`numpylenet.optim.SGDSettings`;  first_step : the momentum buffer is still empty."""
+    lr, momentum, dampening, weight_decay, nesterov = settings
+    kernels.sgd_step(data, grad, momentum_buffer,
+                     (float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov)),
+                     bool(first_step))
+
+
+def warmup(dtypes: Iterable = DTYPE_NAMES) -> float:
+    """Compile (or load from the on-disk cache) every kernel for each dtype (by default float32
+    and float64); return the seconds it took: about a minute the first time, well under a second
+    once Numba's cache holds them."""
+    start = time.perf_counter()
+    for dtype in dtypes:
+        NumbaLeNet5.compile(dtype)
+    return time.perf_counter() - start
