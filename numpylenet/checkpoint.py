@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_write, json_text, open_regular
-from .names import DTYPE_NAMES
+from .layers import check_weights
+from .optim import check_state as check_optimizer_state
 from .recipes import make_config
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "Progress", "save_checkpoint",
@@ -56,7 +57,6 @@ MAX_MEMBERS = 256
 MAX_ARRAY_BYTES = 8 << 20
 MAX_TEXT_BYTES = 32 << 20
 MAX_TOTAL_BYTES = 128 << 20
-WEIGHT_DTYPES = tuple(np.dtype(name) for name in DTYPE_NAMES)
 
 
 class CheckpointError(ValueError):
@@ -197,20 +197,6 @@ def check_history(history, progress: Progress) -> None:
                          f"{progress.best_epoch}'s")
 
 
-def check_weights(weights: dict[str, np.ndarray], what: str = "weights") -> None:
-    """ValueError unless every array is float32 or float64 and holds only finite values.
-
-    float16, integers, complex numbers or NaN/inf would be converted or computed with silently
-    (complex cut to the real part, NaN giving an "accuracy" of chance level next to a NaN loss).
-    """
-    for name, value in weights.items():
-        value = np.asarray(value)
-        if value.dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"{what} {name} is {value.dtype}; numpylenet takes float32 or float64 weights")
-        if not np.isfinite(value).all():
-            raise ValueError(f"{what} {name} holds NaN or infinite values")
-
-
 def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> None:
     """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, rename).
 
@@ -299,17 +285,8 @@ def check_parts(parts: dict, model: dict[str, np.ndarray], optimizer: dict[str, 
                          f"run's {config['epochs']} epochs")
     if optimizer is not None:
         check_history(parts["history"], progress)
-        _check_optimizer_state(optimizer)
+        check_optimizer_state(optimizer)
     check_weights(model, "model")
-
-
-def _check_optimizer_state(state: dict[str, np.ndarray]) -> None:
-    """ValueError unless ``step`` (if present) is a scalar integer >= 0 and every buffer is float
-    and finite (names and shapes are the optimiser's own ``load_state_dict``'s to check)."""
-    step = state.get("step")
-    if step is not None and (step.shape != () or step.dtype.kind not in "iu" or int(step) < 0):
-        raise ValueError(f"optimizer step must be a scalar integer >= 0, got {step.dtype} of shape {step.shape}")
-    check_weights({name: value for name, value in state.items() if name != "step"}, "optimizer")
 
 
 def _read_members(path: Path, wanted) -> dict[str, np.ndarray]:

@@ -16,6 +16,8 @@ same layer inside ``LeNet5(backend="numba")`` (the table at the top of that modu
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from .names import DTYPE_NAMES
@@ -23,6 +25,7 @@ from .names import DTYPE_NAMES
 __all__ = [
     "Parameter",
     "Layer",
+    "check_weights",
     "im2col",
     "col2im",
     "Conv2d",
@@ -90,6 +93,20 @@ def as_float_dtype(dtype) -> np.dtype:
     if resolved not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {resolved}")
     return resolved
+
+
+def check_weights(arrays: Mapping[str, np.ndarray], what: str = "weights") -> None:
+    """ValueError unless every array is float32 or float64 and holds only finite values.
+
+    float16, integers, complex numbers or NaN/inf would be converted or computed with silently
+    (complex cut to the real part, NaN giving an "accuracy" of chance level next to a NaN loss).
+    """
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{what} {name} is {value.dtype}; numpylenet takes float32 or float64 weights")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{what} {name} holds NaN or infinite values")
 
 
 def check_float_array(x, layer: str, expected: str, ndim: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 
 from .backend import resolve_backend
 from .layers import (AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, Parameter, ReLU,
-                     Sigmoid, Tanh, as_float_dtype)
+                     Sigmoid, Tanh, as_float_dtype, check_weights)
 from .names import ACTIVATION_NAMES, POOL_NAMES
 
 __all__ = ["LeNet5", "ACTIVATIONS", "POOLS"]
@@ -183,7 +183,8 @@ class LeNet5:
         return {name: p.data.copy() for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        """Copy values into the parameters; keys and shapes must match exactly (else ValueError)."""
+        """Copy values into the parameters; keys and shapes must match exactly, and every value must be
+        a finite float32 or float64 array (else ValueError, and no parameter changes)."""
         params = dict(self.named_parameters())
         missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
         if missing or unexpected:
@@ -194,8 +195,7 @@ class LeNet5:
             if value.shape != param.data.shape:
                 raise ValueError(f"state_dict[{name!r}] has shape {value.shape}, "
                                  f"expected {param.data.shape}")
-            if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-                raise ValueError(f"state_dict[{name!r}] has non-numeric dtype {value.dtype}")
+            check_weights({name: value}, "state_dict")
         for name, param in params.items():
             param.data[...] = state[name]
 

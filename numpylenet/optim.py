@@ -9,15 +9,15 @@ NumPy loop. Either way ``state_dict()`` holds one array per parameter and buffer
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from .layers import Parameter
+from .layers import Parameter, check_weights
 
 __all__ = ["Optimizer", "Adam", "SGD", "AdamStep", "SGDSettings", "find_fused_buffers", "state_key",
-           "parse_state_key"]
+           "parse_state_key", "check_state"]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -58,6 +58,18 @@ def find_fused_buffers(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndar
     if any(p.data.base is not data or p.grad.base is not grad for p in params):
         return None                  # a .data or .grad was rebound to another array
     return data, grad
+
+
+def check_state(state: Mapping[str, np.ndarray]) -> None:
+    """ValueError unless ``step`` (if present) is a scalar integer >= 0 and every other entry is a
+    finite float32 or float64 array. Names and shapes are the optimiser's own to check."""
+    step = state.get("step")
+    if step is not None:
+        step = np.asarray(step)
+        if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+            raise ValueError(f"optimizer state 'step' must be a scalar integer >= 0, "
+                             f"got {step.dtype} of shape {step.shape}")
+    check_weights({name: value for name, value in state.items() if name != "step"}, "optimizer state")
 
 
 class Optimizer:
@@ -103,11 +115,14 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`state_dict` returned; unknown keys or wrong shapes raise ValueError."""
+        """Restore what :meth:`state_dict` returned. ValueError, and nothing restored, for unknown keys,
+        wrong shapes, a ``step`` that is not a scalar integer >= 0, or buffers that are not finite
+        float32/float64 arrays."""
         state = dict(state)
         if "step" not in state:
             raise ValueError("optimizer state is missing 'step'")
-        step_count = int(np.asarray(state.pop("step")))
+        check_state(state)
+        step_count = int(state.pop("step"))
         buffers = {name: [None] * len(self.params) for name in self.buffer_names}
         for key, value in state.items():
             name, index = parse_state_key(key, self.buffer_names, len(self.params))

@@ -183,6 +183,26 @@ def test_load_state_dict_rejects_mismatches(change, named):
         assert np.array_equal(value, before[name]), f"a rejected load_state_dict changed {name}"
 
 
+@pytest.mark.parametrize("value", [
+    pytest.param(np.full((10,), np.nan, np.float32), id="nan"),
+    pytest.param(np.full((10,), np.inf, np.float64), id="inf"),
+    pytest.param(np.zeros((10,), np.float16), id="float16"),
+    pytest.param(np.zeros((10,), np.uint64), id="uint64"),
+    pytest.param(np.zeros((10,), np.complex64), id="complex"),
+])
+def test_load_state_dict_rejects_non_finite_or_non_float_weights(value):
+    """A NaN weight would give chance-level "accuracy" beside a NaN loss, and float16, integer or
+    complex weights would be converted silently: refuse them, naming the parameter, changing nothing."""
+    state = LeNet5(seed=0).state_dict()
+    state["fc2.bias"] = value
+    model = LeNet5(seed=5)
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"fc2\.bias"):
+        model.load_state_dict(state)
+    for name, kept in model.state_dict().items():
+        assert np.array_equal(kept, before[name]), name
+
+
 def fan_in(name):
     shape = PARAMETER_SHAPES[name.replace(".bias", ".weight")]
     return int(np.prod(shape[1:]))

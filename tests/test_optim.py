@@ -173,3 +173,24 @@ def test_optimizer_load_state_dict_rejects_foreign_state():
         Adam(model.parameters()).load_state_dict({**state, buffer_key: np.zeros(3)})
     with pytest.raises(ValueError, match="bogus"):
         Adam(model.parameters()).load_state_dict({**state, "bogus": np.zeros(1)})
+
+
+@pytest.mark.parametrize("change, message", [
+    pytest.param(lambda s: s.update(step=np.array([1, 2])), "step", id="step_shape_2"),
+    pytest.param(lambda s: s.update(step=np.array(1.5)), "step", id="step_float"),
+    pytest.param(lambda s: s.update(step=np.array(-1)), "step", id="step_negative"),
+    pytest.param(lambda s: s.update({"exp_avg.0": np.full_like(s["exp_avg.0"], np.nan)}), "exp_avg.0", id="nan_buffer"),
+    pytest.param(lambda s: s.update({"exp_avg.0": s["exp_avg.0"].astype(np.complex128)}), "exp_avg.0",
+                 id="complex_buffer"),
+])
+def test_optimizer_load_state_dict_rejects_bad_values(change, message):
+    """A documented ValueError (never a TypeError) naming the entry, and the old state kept."""
+    model = LeNet5(dtype=np.float64, seed=0)
+    optimizer = Adam(model.parameters())
+    numpy_step(model, optimizer, *batches(1)[0])
+    state = optimizer.state_dict()
+    change(state)
+    target = Adam(model.parameters())
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    assert target.step_count == 0 and all(buffer is None for buffer in target.exp_avg)
