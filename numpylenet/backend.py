@@ -18,9 +18,18 @@ from .blas import set_blas_threads
 from .names import BACKEND_NAMES
 
 __all__ = ["ENVIRONMENT_VARIABLE", "resolve_backend", "numba_unavailable_reason", "available_cores",
-           "set_threads"]
+           "set_threads", "COMPILE_SECONDS"]
 
 ENVIRONMENT_VARIABLE = "NUMPYLENET_BACKEND"
+
+# What compiling the numba backend's kernels for one dtype and one optimiser into an empty Numba
+# cache took on an AMD EPYC (Zen 4, 2.6 GHz), on one core (benchmarks/cold_start.py measures it);
+# loading them back from the cache takes well under a second. Nearly all of it is LLVM optimising
+# and emitting machine code, and the two parallel kernels dominate: Numba links every kernel a
+# function calls into that function's own module, then optimises and emits the whole again, and a
+# parallel loop adds three such levels (the loop body, its gufunc wrapper, the parallel launcher),
+# so the code of each pass is emitted four times over.
+COMPILE_SECONDS = 35
 
 
 def numba_unavailable_reason() -> str | None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import kernels
 from .blas import blas_threads, set_blas_threads
-from .names import DTYPE_NAMES
+from .names import DTYPE_NAMES, OPTIMIZER_NAMES
 
 __all__ = ["NumbaLeNet5", "start_thread_pool", "fused_adam_step", "fused_sgd_step", "warmup"]
 
@@ -151,19 +151,27 @@ class NumbaLeNet5:
         return work.grad_x.copy() if input_grad else None
 
     @classmethod
-    def compile(cls, dtype) -> None:
-        """Run every kernel once, on a tiny batch and zero weights, so that Numba compiles them
-        (or loads them from its on-disk cache) for ``dtype``: both passes, with and without
-        dL/dx, and both fused optimiser steps. One compilation serves every activation and
-        pooling (the kernels take them as run-time codes)."""
+    def compile(cls, dtype, optimizer: str | None = None) -> None:
+        """Run every kernel a run uses once, on a tiny batch and zero weights, so that Numba
+        compiles them (or loads them from its on-disk cache) for ``dtype``: both passes, with and
+        without dL/dx, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both). One
+        compilation serves every activation and pooling (the kernels take them as run-time codes).
+
+        Compiling is what a fresh machine waits for (see
+        :data:`numpylenet.backend.COMPILE_SECONDS`); each kernel
+        compiled here is one specialisation, so nothing is compiled again at the first step."""
         dtype = np.dtype(dtype)
+        if optimizer not in (None, *OPTIMIZER_NAMES):
+            raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES} or None, got {optimizer!r}")
         data, grad = np.zeros(kernels.NUM_PARAMETERS, dtype), np.zeros(kernels.NUM_PARAMETERS, dtype)
         engine = cls(data, grad)
         engine.forward(np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), dtype))
         engine.backward(np.zeros((2, kernels.NUM_CLASSES), dtype))
         state = np.zeros((2, kernels.NUM_PARAMETERS), dtype)
-        fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))
-        fused_sgd_step(data, grad, state[0], (0.1, 0.9, 0.0, 0.0, False), first_step=True)
+        if optimizer in (None, "adam"):
+            fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))
+        if optimizer in (None, "sgd"):
+            fused_sgd_step(data, grad, state[0], (0.1, 0.9, 0.0, 0.0, False), first_step=True)
 
 
 def fused_adam_step(data: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,

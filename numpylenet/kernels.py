@@ -78,7 +78,7 @@ from .blas import LIBRARY, gemm_address
 __all__ = [
     "kernel", "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
     "Codes", "PARAMETER_SHAPES", "NUM_PARAMETERS", "KERNEL", "POOL", "SUB_BATCH", "gemm",
-    "im2col_channels_last", "col2im_channels_last", "permute_conv_weight",
+    "channels_last", "im2col_channels_last", "col2im_channels_last", "permute_conv_weight",
     "add_unpermuted_conv_weight", "bias_activation", "activate_in_place", "activation_backward",
     "pool_forward", "pool_activation_backward", "conv1_forward", "conv1_backward", "conv2_forward",
     "conv2_backward", "dense_forward", "dense_backward", "Parameters", "parameter_views",
@@ -206,6 +206,17 @@ def _unsigned_shape(array):
     """The four dimensions of a 4-D array as unsigned ints."""
     return (np.uint64(array.shape[0]), np.uint64(array.shape[1]), np.uint64(array.shape[2]),
             np.uint64(array.shape[3]))
+
+
+@kernel
+def channels_last(array):
+    """The (N, C, H, W) ``array`` seen as (N, H, W, C): ``array.transpose(0, 2, 3, 1)``, a view.
+
+    Written with ``as_strided`` because Numba's ``transpose`` with axes compiles its argument
+    checks' error messages along with it: 2.5 s of a cold start, for nothing the kernels use."""
+    n, c, h, w = array.shape
+    sn, sc, sh, sw = array.strides
+    return np.lib.stride_tricks.as_strided(array, (n, h, w, c), (sn, sh, sw, sc))
 
 
 @kernel
@@ -540,8 +551,8 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
     span = (out_h - _ONE) * width + width - np.uint64(KERNEL - 1)
     zero = y.dtype.type(0)
     for n in range(n_images):
-        pool_activation_backward(grad_pooled[n:n + 1], y[n:n + 1].transpose(0, 2, 3, 1), codes,
-                                 POOL_WINDOW, grad_z[np.newaxis].transpose(0, 2, 3, 1))
+        pool_activation_backward(grad_pooled[n:n + 1], channels_last(y[n:n + 1]), codes,
+                                 POOL_WINDOW, channels_last(grad_z[np.newaxis]))
         image = x[n, 0].ravel()
         for c in range(channels):
             dz = grad_z[c].ravel()
@@ -604,7 +615,7 @@ def conv2_forward(x, conv2, codes, cols, y, pooled):
     z = y.reshape(rows, channels)
     gemm(unfolded, weight, z, False, True)                 # Z = cols @ W^T
     bias_activation(z, bias, activation)
-    pool_forward(y, pool, POOL_WINDOW, pooled.transpose(0, 2, 3, 1))
+    pool_forward(y, pool, POOL_WINDOW, channels_last(pooled))
 
 
 @kernel
@@ -632,7 +643,7 @@ def conv2_backward(grad_pooled, x, y, conv2, codes, grad_conv2, cols, grad_z, gr
     grad_weight, grad_bias = grad_conv2
     n_images, out_h, out_w, channels = y.shape
     rows = n_images * out_h * out_w
-    pool_activation_backward(grad_pooled.transpose(0, 2, 3, 1), y, codes, POOL_WINDOW, grad_z)
+    pool_activation_backward(channels_last(grad_pooled), y, codes, POOL_WINDOW, grad_z)
     dz = grad_z.reshape(rows, channels)
     _add_column_sums(dz, grad_bias)                        # db += sum over rows of dZ
     unfolded = cols[:rows * weight.shape[1]].reshape(rows, weight.shape[1])

@@ -594,6 +594,33 @@ def test_importing_the_kernels_starts_no_threads_and_leaves_the_environment_alon
                "assert dict(os.environ) == before\n")
 
 
+@pytest.mark.parametrize("optimizer, unused", [("sgd", "adam_step"), ("adam", "sgd_step")])
+def test_compile_prepares_only_the_runs_optimizer(optimizer, unused):
+    """A run compiles its own optimiser's fused step and not the other one (in a fresh process:
+    this one has compiled both); a training step then needs nothing more."""
+    used = {"sgd": "sgd_step", "adam": "adam_step"}[optimizer]
+    run_python("import numpy as np\n"
+               "from numpylenet import SGD, Adam, LeNet5, kernels, softmax_cross_entropy\n"
+               "from numpylenet.engine import NumbaLeNet5\n"
+               f"NumbaLeNet5.compile(np.float32, {optimizer!r})\n"
+               f"assert len(kernels.{used}.signatures) == 1\n"
+               f"assert not kernels.{unused}.signatures, 'compiled the other optimiser too'\n"
+               "passes = (kernels.lenet_forward, kernels.lenet_backward)\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1]\n"
+               "model = LeNet5(seed=0, backend='numba')\n"
+               f"optimizer = {{'sgd': SGD, 'adam': Adam}}[{optimizer!r}](model.parameters(), lr=0.1)\n"
+               "logits = model.forward(np.zeros((5, 1, 32, 32), np.float32))\n"
+               "model.backward(softmax_cross_entropy(logits, np.arange(5))[1], input_grad=False)\n"
+               "optimizer.step()\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1], 'a step compiled more'\n"
+               f"assert len(kernels.{used}.signatures) == 1 and not kernels.{unused}.signatures\n")
+
+
+def test_compile_refuses_an_unknown_optimizer():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        engine.NumbaLeNet5.compile(np.float32, "rmsprop")
+
+
 def test_warmup_compiles_everything_a_training_step_runs():
     """After warmup, training steps of both dtypes and both optimisers compile nothing new."""
     seconds = engine.warmup()
