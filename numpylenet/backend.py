@@ -23,13 +23,12 @@ __all__ = ["ENVIRONMENT_VARIABLE", "resolve_backend", "numba_unavailable_reason"
 ENVIRONMENT_VARIABLE = "NUMPYLENET_BACKEND"
 
 # What compiling the numba backend's kernels for one dtype and one optimiser into an empty Numba
-# cache took on an AMD EPYC (Zen 4, 2.6 GHz), on one core (benchmarks/cold_start.py measures it);
-# loading them back from the cache takes well under a second. Nearly all of it is LLVM optimising
-# and emitting machine code, and the two parallel kernels dominate: Numba links every kernel a
-# function calls into that function's own module, then optimises and emits the whole again, and a
-# parallel loop adds three such levels (the loop body, its gufunc wrapper, the parallel launcher),
-# so the code of each pass is emitted four times over.
-COMPILE_SECONDS = 35
+# cache takes on an AMD EPYC (Zen 4, 2.6 GHz), on one core (benchmarks/cold_start.py measures the
+# whole cold start); loading them back from the cache takes well under a second. Nearly all of it
+# is LLVM optimising and emitting machine code: each kernel once on its own, and again inside
+# every kernel that calls it by name (Numba links callees into their caller's module). See
+# numpylenet.kernels.KernelAddress for why the parallel kernels call the network by address.
+COMPILE_SECONDS = 16
 
 
 def numba_unavailable_reason() -> str | None:

@@ -111,6 +111,7 @@ class NumbaLeNet5:
         self.codes = kernels.Codes(kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool])
         self.work: kernels.Workspace | None = None
         self.threads = 0
+        self.per_thread: tuple[kernels.KernelAddress, kernels.KernelAddress] | None = None
 
     @classmethod
     def for_model(cls, model) -> NumbaLeNet5:
@@ -129,6 +130,10 @@ class NumbaLeNet5:
         if self.work is None or (self.work.x.shape[0], self.threads) != (batch_size, threads):
             self.work = kernels.make_workspace(batch_size, threads, self.flat_data.dtype)
             self.threads = threads
+        if self.per_thread is None:        # the per-thread passes, for the parallel kernels to call
+            common = (self.flat_data, self.codes, self.work, 0, 0, 0)
+            self.per_thread = (kernels.KernelAddress(kernels.forward_images, common),
+                               kernels.KernelAddress(kernels.backward_images, (*common, True)))
         return self.work
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -136,7 +141,7 @@ class NumbaLeNet5:
         work = self._workspace(x.shape[0])
         np.copyto(work.x, x)        # the backward pass reads this copy: the caller may reuse x
         with _kernel_threads(self.threads):
-            kernels.lenet_forward(self.flat_data, self.codes, work)
+            kernels.lenet_forward(self.per_thread[0], self.flat_data, self.codes, work)
         return work.logits.copy()
 
     def backward(self, grad_logits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
@@ -147,7 +152,8 @@ class NumbaLeNet5:
         work = self.work
         np.copyto(work.grad_logits, grad_logits)
         with _kernel_threads(self.threads):
-            kernels.lenet_backward(self.flat_data, self.flat_grad, self.codes, work, bool(input_grad))
+            kernels.lenet_backward(self.per_thread[1], self.flat_data, self.flat_grad, self.codes, work,
+                                   bool(input_grad))
         return work.grad_x.copy() if input_grad else None
 
     @classmethod

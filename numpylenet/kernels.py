@@ -71,7 +71,8 @@ from typing import NamedTuple
 
 import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, prange, typeof, types
+from numba.extending import typeof_impl
 
 from .blas import LIBRARY, gemm_address
 
@@ -82,7 +83,8 @@ __all__ = [
     "add_unpermuted_conv_weight", "bias_activation", "activate_in_place", "activation_backward",
     "pool_forward", "pool_activation_backward", "conv1_forward", "conv1_backward", "conv2_forward",
     "conv2_backward", "dense_forward", "dense_backward", "Parameters", "parameter_views",
-    "Workspace", "make_workspace", "lenet_forward", "lenet_backward", "adam_step", "sgd_step",
+    "Workspace", "make_workspace", "KernelAddress", "forward_images", "backward_images",
+    "lenet_forward", "lenet_backward", "adam_step", "sgd_step",
 ]
 
 
@@ -721,20 +723,27 @@ class Parameters(NamedTuple):
     fc2: tuple      # (10, 84), (10,)
 
 
+# Where each layer's (weight, bias) pair sits in the flat buffer: (weight start, bias start, bias
+# end, weight rows), plain ints, so that one compiled _layer_views serves all five layers.
+_LAYER_PLACES = tuple((_OFFSETS[2 * layer], _OFFSETS[2 * layer + 1], _OFFSETS[2 * layer + 2], rows)
+                      for layer, (rows, _) in enumerate(_WEIGHT_MATRICES))
+
+
 @kernel
-def _layer_views(flat, layer):
-    """(weight matrix, bias) of layer number ``layer`` (conv1 = 0 ... fc2 = 4), views into ``flat``."""
-    weight, bias = 2 * layer, 2 * layer + 1            # their places in PARAMETER_SHAPES
-    return (flat[_OFFSETS[weight]:_OFFSETS[weight + 1]].reshape(_WEIGHT_MATRICES[layer]),
-            flat[_OFFSETS[bias]:_OFFSETS[bias + 1]])
+def _layer_views(flat, place):
+    """(weight matrix, bias) of the layer at ``place`` (an entry of _LAYER_PLACES), views into ``flat``."""
+    weight_start, bias_start, bias_end, rows = place
+    weight = flat[weight_start:bias_start]
+    return weight.reshape(rows, weight.size // rows), flat[bias_start:bias_end]
 
 
 @kernel
 def parameter_views(flat):
     """The ten parameters in ``flat`` (NUM_PARAMETERS,) as :class:`Parameters`, in torch's order:
     views, conv weights as (C_out, C_in kh kw) matrices."""
-    return Parameters(_layer_views(flat, 0), _layer_views(flat, 1), _layer_views(flat, 2),
-                      _layer_views(flat, 3), _layer_views(flat, 4))
+    conv1, conv2, conv3, fc1, fc2 = _LAYER_PLACES
+    return Parameters(_layer_views(flat, conv1), _layer_views(flat, conv2), _layer_views(flat, conv3),
+                      _layer_views(flat, fc1), _layer_views(flat, fc2))
 
 
 @kernel
@@ -801,10 +810,46 @@ def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
 # The whole network: LeNet5.forward and LeNet5.backward
 # --------------------------------------------------------------------------------------------
 
+# The two parallel kernels take the per-thread network (forward_images, backward_images) as an
+# argument, a function pointer, instead of calling it by name. Called by name, Numba would link the
+# whole network's code into the parallel kernel's module, and into each of the three modules that
+# a parallel loop adds (the loop body, its gufunc wrapper, the thread launcher), optimising and
+# emitting it again in each: 18 of the 37 s that compiling took on an empty cache. Called through
+# a pointer, each of those modules holds a few loops, and the network is compiled once. The call
+# through a pointer costs nothing measurable: once per thread per pass.
+
+class KernelAddress(types.WrapperAddressProtocol):
+    """A compiled kernel, handed to another kernel as a function pointer.
+
+    Numba types it as a first-class function of ``void(typeof(arg) for arg in example_args)``;
+    building it compiles ``dispatcher`` for that signature (or loads it from Numba's cache).
+    """
+
+    def __init__(self, dispatcher, example_args: tuple):
+        self._signature = types.void(*(typeof(arg) for arg in example_args))
+        self.numba_type = types.FunctionType(self._signature)
+        compiled = dispatcher.get_compile_result(self._signature)
+        self._address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_cfunc_wrapper_name)
+
+    def __wrapper_address__(self) -> int:
+        return self._address
+
+    def signature(self):
+        return self._signature
+
+
+@typeof_impl.register(KernelAddress)
+def _typeof_kernel_address(value, context):
+    """Numba's type of a :class:`KernelAddress`, built once: Numba's own typeof builds it anew
+    at each call (7 us, twice per training step, from formatting the Workspace's type name)."""
+    return value.numba_type
+
+
 @kernel
-def _forward_images(flat_params, codes, work, t, lo, hi):
+def forward_images(flat_params, codes, work, t, lo, hi):
     """:func:`lenet_forward` for thread t: images lo:hi of the batch, the thread's own scratch
-    (entry t of each per-thread array of ``work``)."""
+    (entry t of each per-thread array of ``work``). Reads like :meth:`numpylenet.LeNet5.forward`:
+    conv1 and conv2 SUB_BATCH images at a time, then conv3, fc1 and fc2 on all of them."""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
     for start in range(lo, hi, SUB_BATCH):
         images = slice(start, min(start + SUB_BATCH, hi))
@@ -819,15 +864,15 @@ def _forward_images(flat_params, codes, work, t, lo, hi):
 
 
 @kernel(parallel=True)
-def lenet_forward(flat_params, codes, work):
+def lenet_forward(per_thread, flat_params, codes, work):
     """:meth:`numpylenet.LeNet5.forward`: logits ``work.logits`` (N, 10) for the images ``work.x``
     (N, 1, 32, 32), storing in ``work`` every activation the backward pass needs.
 
-    Each thread t takes images lo:hi and runs conv1 and conv2 on them SUB_BATCH images at a time,
-    then conv3, fc1 and fc2 on all of them (:func:`_forward_images`).
+    Each thread t runs the network on images lo:hi (:func:`forward_images`).
 
     Parameters
     ----------
+    per_thread : :func:`forward_images`, passed by address as a :class:`KernelAddress`
     flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
     codes : Codes
     work : Workspace, :func:`make_workspace`'s for N images and T threads
@@ -836,13 +881,15 @@ def lenet_forward(flat_params, codes, work):
     permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
     for thread in prange(threads):
         t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
-        _forward_images(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads)
+        per_thread(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads)
 
 
 @kernel
-def _backward_images(flat_params, codes, work, t, lo, hi, input_grad):
+def backward_images(flat_params, codes, work, t, lo, hi, input_grad):
     """:func:`lenet_backward` for thread t: images lo:hi of the batch, the thread's own scratch,
-    ADDING dL/dW into the thread's own gradient ``work.grads[t]``."""
+    ADDING dL/dW into the thread's own gradient ``work.grads[t]``. Reads like
+    :meth:`numpylenet.LeNet5.backward`: fc2, fc1 and conv3 on all the images, then conv2 and
+    conv1 SUB_BATCH images at a time."""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
     grads = _with_conv2_weight(parameter_views(work.grads[t]), work.grad_conv2_weight[t])
     work.grad_conv2_weight[t] = 0
@@ -868,17 +915,18 @@ def _backward_images(flat_params, codes, work, t, lo, hi, input_grad):
 
 
 @kernel(parallel=True)
-def lenet_backward(flat_params, flat_grad, codes, work, input_grad):
+def lenet_backward(per_thread, flat_params, flat_grad, codes, work, input_grad):
     """:meth:`numpylenet.LeNet5.backward` from dL/dlogits ``work.grad_logits`` (N, 10), using
     what :func:`lenet_forward` stored in ``work``.
 
     Adds dL/dW to ``flat_grad`` and, if ``input_grad``, writes dL/dx into ``work.grad_x``. Each
     thread runs fc2, fc1 and conv3 backward on its images, then conv2 and conv1 backward SUB_BATCH
-    images at a time (:func:`_backward_images`), adding their dL/dW into its own zeroed
+    images at a time (:func:`backward_images`), adding their dL/dW into its own zeroed
     ``work.grads[t]``; the threads' sum is added into flat_grad at the end.
 
     Parameters
     ----------
+    per_thread : :func:`backward_images`, passed by address as a :class:`KernelAddress`
     flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
     flat_grad : ndarray, shape (NUM_PARAMETERS,), the model's flat gradient; added to.
     codes : Codes
@@ -891,8 +939,8 @@ def lenet_backward(flat_params, flat_grad, codes, work, input_grad):
     for thread in prange(threads):
         t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
         thread_grads[t, :] = 0
-        _backward_images(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads,
-                         input_grad=input_grad)
+        per_thread(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads,
+                   input_grad)
     # flat_grad += (the threads' sum): one addition into flat_grad per step, as the reference.
     block = 4096
     for b in prange((flat_grad.size + block - 1) // block):
