@@ -14,9 +14,12 @@ ratios measured within one run are what the project claims.
 
 Peak FLOP/s
 -----------
-``peak = cores x clock x FP32 FLOP per cycle per core``. The FLOP per cycle follow from the vector
-units the CPU reports in ``/proc/cpuinfo``: with AVX-512, 2 FMA units x 16 lanes x 2 = 64; with
-AVX2 + FMA, 2 x 8 x 2 = 32; with AVX alone 16; otherwise (SSE) 8. The clock is the highest
+``peak = cores x clock x FP32 FLOP per cycle per core``, the project's rule. The FLOP per cycle
+follow from the vector units the CPU reports in ``/proc/cpuinfo``: with AVX2 + FMA, 2 FMA units x 8
+lanes x 2 = 32; with AVX-512 also 32, since the project counts every AVX-512 machine like an AVX2
+one (Zen 4 executes each 512-bit FMA as two 256-bit halves, so 32 FP32 FLOP per cycle per core is
+its real FMA throughput; a CPU with two full 512-bit FMA units reaches 64, which ``--flop-per-cycle
+64`` states); with AVX alone 16; otherwise (SSE) 8. The clock is the highest
 ``cpu MHz`` listed (or ``cpuinfo_max_freq``). Both can be given instead (``--clock-ghz``,
 ``--flop-per-cycle``) when detection is wrong, e.g. inside a virtual machine.
 """
@@ -72,7 +75,8 @@ def make_parser(name: str, description: str, *, repeats: int = 5) -> argparse.Ar
     parser.add_argument("--clock-ghz", type=float, default=None,
                         help="CPU clock for the peak-FLOP/s figure (default: detected)")
     parser.add_argument("--flop-per-cycle", type=int, default=None,
-                        help="FP32 FLOP per cycle per core (default: 64 with AVX-512, 32 with AVX2+FMA)")
+                        help="FP32 FLOP per cycle per core (default: 32 with AVX2+FMA or AVX-512, "
+                             "16 with AVX, 8 with SSE; give 64 for two full 512-bit FMA units)")
     return parser
 
 
@@ -203,9 +207,14 @@ def detect_machine(clock_ghz: float | None = None, flop_per_cycle: int | None = 
 
 def vector_isa(flags: set[str]) -> tuple[str, int]:
     """The widest FP32 vector instructions among the CPU ``flags``, and the FLOP per cycle per core
-    they allow: two FMA units x lanes x 2 FLOP (a multiply and an add) per FMA."""
+    they allow: two FMA units x lanes x 2 FLOP (a multiply and an add) per FMA.
+
+    AVX-512 counts as two 256-bit FMA units (32), as AVX2 does: the project's peak rule, and the
+    real throughput of Zen 4, which splits each 512-bit FMA in two halves. The flags cannot tell
+    such a CPU from one with two full 512-bit units; ``--flop-per-cycle 64`` covers that case.
+    """
     if "avx512f" in flags:
-        return "AVX-512", 2 * 16 * 2
+        return "AVX-512", 2 * 8 * 2
     if {"avx2", "fma"} <= flags:
         return "AVX2+FMA", 2 * 8 * 2
     if "avx" in flags:

@@ -129,7 +129,7 @@ def test_all_rewrites_readme_between_markers(quick_results, tmp_path):
 
 
 def isa(flags): return common.vector_isa(set(flags.split()))
-def test_isa_avx512(): assert isa("sse avx avx2 fma avx512f") == ("AVX-512", 64)
+def test_isa_avx512_counts_as_two_256_bit_fma_units(): assert isa("sse avx avx2 fma avx512f") == ("AVX-512", 32)
 def test_isa_avx2_fma(): assert isa("sse avx avx2 fma") == ("AVX2+FMA", 32)
 def test_isa_avx2_without_fma(): assert isa("sse avx avx2") == ("AVX", 16)
 def test_isa_sse(): assert isa("sse sse2") == ("SSE", 8)
