@@ -173,19 +173,20 @@ def step_growth(step: Callable[[], object], steps: int) -> dict:
             "peak_within_step_bytes": peak_rise}
 
 
-def step_allocations(step: Callable[[], object]) -> list[dict]:
+def step_allocations(step: Callable[[], object], package: str = PACKAGE) -> list[dict]:
     """What one call of ``step`` allocates: per allocating line (see :func:`_where`) and kind -
     "numpy" for array data buffers (NumPy's tracemalloc domain), "python" for Python objects - the
-    most blocks and bytes alive at once among the moments a numpylenet function returned or a C
-    function called from numpylenet returned. Sorted by kind, then bytes, largest first."""
+    most blocks and bytes alive at once among the moments a function of ``package`` (a folder,
+    numpylenet's by default) returned or a C function called from it returned. Sorted by kind,
+    then bytes, largest first."""
     largest: dict[tuple[str, str], tuple[int, int]] = {}
 
     def record(frame, event, _):
-        if event in ("return", "c_return") and frame.f_code.co_filename.startswith(PACKAGE):
+        if event in ("return", "c_return") and frame.f_code.co_filename.startswith(package):
             alive: dict[tuple[str, str], list[int]] = {}
             for trace in tracemalloc.take_snapshot().traces:
                 kind = "numpy" if trace.domain == np.lib.tracemalloc_domain else "python"
-                entry = alive.setdefault((kind, _where(trace.traceback)), [0, 0])
+                entry = alive.setdefault((kind, _where(trace.traceback, package)), [0, 0])
                 entry[0] += 1
                 entry[1] += trace.size
             for key, (blocks, size) in alive.items():
@@ -205,17 +206,19 @@ def step_allocations(step: Callable[[], object]) -> list[dict]:
     return sorted(entries, key=lambda entry: (entry["kind"], -entry["bytes"]))
 
 
-def _where(traceback) -> str:
-    """``file:line`` of the innermost frame of ``traceback`` inside numpylenet (relative to the
-    repository); "benchmarks.memory" when this module's own code comes first (the profile hook's
-    snapshots, the step's call), or the innermost frame when neither is on the stack."""
+def _where(traceback, package: str = PACKAGE) -> str:
+    """``file:line`` of the innermost frame of ``traceback`` inside ``package`` (relative to the
+    repository when it lies inside); "benchmarks.memory" when this module's own code comes first
+    (the profile hook's snapshots, the step's call), or the innermost frame when neither is on
+    the stack."""
     if traceback is None:
         return "benchmarks.memory"
     for frame in reversed(traceback):          # tracemalloc orders frames oldest first
         if frame.filename == __file__:
             return "benchmarks.memory"
-        if frame.filename.startswith(PACKAGE):
-            return f"{Path(frame.filename).relative_to(common.REPO)}:{frame.lineno}"
+        if frame.filename.startswith(package):
+            path = Path(frame.filename)
+            return f"{path.relative_to(common.REPO) if path.is_relative_to(common.REPO) else path}:{frame.lineno}"
     return f"{traceback[-1].filename}:{traceback[-1].lineno}" if len(traceback) else "unknown"
 
 
