@@ -24,8 +24,10 @@ calls for every batch: zero_grad, forward, softmax cross-entropy, backward witho
 optimiser step - on one fixed batch (the data pipeline's own allocations are not counted). After
 ``--warmup`` steps (workspaces built, kernels compiled, optimiser state created):
 
-* **net growth**: ``tracemalloc`` snapshots before and after ``--steps`` steps; what is still
-  allocated afterwards that was not before (a leak, or a cache that keeps growing);
+* **net growth**: traced memory after ``--steps`` steps minus before them, and after the last
+  half of them minus before that half - a leak grows in the second half as much as in the first,
+  while Python's free lists and Numba's caches fill up once and stop - and the lines whose
+  allocations grew most (``tracemalloc`` snapshots compared);
 * **peak within a step**: the largest rise of traced memory above its level at the start of a
   step, over those steps (``tracemalloc.get_traced_memory`` after ``reset_peak``);
 * **what allocates**: one more step runs under a profile hook that takes a ``tracemalloc``
@@ -149,26 +151,33 @@ def make_learner(recipe: str, threads: int):
 
 
 def step_growth(step: Callable[[], object], steps: int) -> dict:
-    """Traced memory around ``steps`` calls of ``step``: the net growth from before the first to
-    after the last (bytes, and the lines that grew), and the largest rise within one call."""
+    """Traced memory around ``steps`` calls of ``step``, in bytes: the net growth from before the
+    first call to after the last, and over the second half of the calls alone (a leak grows there
+    as much as in the first half; caches and free lists filling up do not), the lines that grew
+    most, and the largest rise within one call."""
     gc.collect()
     tracemalloc.start(25)
     try:
         before = tracemalloc.take_snapshot()
-        peak_rise = 0
-        for _ in range(steps):
-            current, _ = tracemalloc.get_traced_memory()
+        start = tracemalloc.get_traced_memory()[0]
+        peak_rise, halfway = 0, start
+        for index in range(steps):
+            if index == steps // 2:
+                gc.collect()
+                halfway = tracemalloc.get_traced_memory()[0]
+            current = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
             step()
             peak_rise = max(peak_rise, tracemalloc.get_traced_memory()[1] - current)
         gc.collect()
+        end = tracemalloc.get_traced_memory()[0]
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
     grown = [{"line": _where(difference.traceback), "bytes": difference.size_diff,
               "blocks": difference.count_diff}
              for difference in after.compare_to(before, "traceback") if difference.size_diff > 0]
-    return {"steps": steps, "net_growth_bytes": sum(entry["bytes"] for entry in grown),
+    return {"steps": steps, "net_growth_bytes": end - start, "second_half_growth_bytes": end - halfway,
             "grown": sorted(grown, key=lambda entry: -entry["bytes"])[:10],
             "peak_within_step_bytes": peak_rise}
 
@@ -256,7 +265,9 @@ def markdown(runs: list[dict], steps: list[dict], python_lines: int = 5) -> str:
         parts.append(
             f"Training step, recipe `{entry['recipe']}` ({entry['optimizer']}, batch "
             f"{entry['batch_size']}, numba, float32), via `NumpyLearner.train_step`: net growth of "
-            f"traced memory over {entry['steps']} steps {entry['net_growth_bytes']:,} bytes; peak "
+            f"traced memory over {entry['steps']} steps {entry['net_growth_bytes']:,} bytes, over "
+            f"the last {entry['steps'] - entry['steps'] // 2} {entry['second_half_growth_bytes']:,} "
+            f"bytes (a leak would grow there as much as in the first half); peak "
             f"within a step {entry['peak_within_step_bytes']:,} bytes above its start. Allocated in "
             f"one step (the most alive at once, per line): NumPy arrays {totals['numpy']['blocks']} "
             f"blocks, {totals['numpy']['bytes']:,} bytes; Python objects {totals['python']['blocks']} "
@@ -266,7 +277,8 @@ def markdown(runs: list[dict], steps: list[dict], python_lines: int = 5) -> str:
         if shown:
             parts.append(common.markdown_table(
                 ["allocating line", "kind", "blocks", "bytes"],
-                [[f"`{a['line']}`", a["kind"], a["blocks"], f"{a['bytes']:,}"] for a in shown]))
+                [[f"`{a['line']}`", a["kind"], a["blocks"], f"{a['bytes']:,}"] for a in shown],
+                align="llrr"))
     return "\n\n".join(parts)
 
 
