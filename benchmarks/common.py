@@ -14,9 +14,12 @@ ratios measured within one run are what the project claims.
 
 Peak FLOP/s
 -----------
-``peak = cores x clock x FP32 FLOP per cycle per core``. The FLOP per cycle follow from the vector
-units the CPU reports in ``/proc/cpuinfo``: with AVX-512, 2 FMA units x 16 lanes x 2 = 64; with
-AVX2 + FMA, 2 x 8 x 2 = 32; with AVX alone 16; otherwise (SSE) 8. The clock is the highest
+``peak = cores x clock x FP32 FLOP per cycle per core``, the project's rule. The FLOP per cycle
+follow from the vector units the CPU reports in ``/proc/cpuinfo``: with AVX2 + FMA, 2 FMA units x 8
+lanes x 2 = 32; with AVX-512 also 32, since the project counts every AVX-512 machine like an AVX2
+one (Zen 4 executes each 512-bit FMA as two 256-bit halves, so 32 FP32 FLOP per cycle per core is
+its real FMA throughput; a CPU with two full 512-bit FMA units reaches 64, which ``--flop-per-cycle
+64`` states); with AVX alone 16; otherwise (SSE) 8. The clock is the highest
 ``cpu MHz`` listed (or ``cpuinfo_max_freq``). Both can be given instead (``--clock-ghz``,
 ``--flop-per-cycle``) when detection is wrong, e.g. inside a virtual machine.
 """
@@ -30,6 +33,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +44,8 @@ RESULTS = REPO / "benchmarks" / "results"
 
 __all__ = ["REPO", "RESULTS", "make_parser", "data_dir", "set_threads", "thread_report", "Machine",
            "detect_machine", "vector_isa", "versions", "metadata", "Timing", "SETTLE_SECONDS",
-           "interleaved_timings", "throughput", "throughput_main", "throughput_rows",
+           "interleaved_timings", "BASELINES", "FRAMEWORK_LABELS", "PEERS", "throughput",
+           "throughput_main", "throughput_rows",
            "throughput_table", "markdown_table", "publish", "write_json", "save_figure",
            "forward_flops_per_image", "training_flops_per_image"]
 
@@ -72,7 +77,8 @@ def make_parser(name: str, description: str, *, repeats: int = 5) -> argparse.Ar
     parser.add_argument("--clock-ghz", type=float, default=None,
                         help="CPU clock for the peak-FLOP/s figure (default: detected)")
     parser.add_argument("--flop-per-cycle", type=int, default=None,
-                        help="FP32 FLOP per cycle per core (default: 64 with AVX-512, 32 with AVX2+FMA)")
+                        help="FP32 FLOP per cycle per core (default: 32 with AVX2+FMA or AVX-512, "
+                             "16 with AVX, 8 with SSE; give 64 for two full 512-bit FMA units)")
     return parser
 
 
@@ -95,12 +101,14 @@ def data_dir(given: str | None = None) -> Path:
 # --------------------------------------------------------------------------------------------
 
 _BLAS_LIMITS = []   # keeps threadpoolctl's limiter alive for the life of the process
+_XLA_THREAD_FLAGS = ("xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads")
 
 
 def set_threads(count: int) -> None:
-    """Use ``count`` threads in torch, in Numba and in every BLAS/OpenMP library loaded.
+    """Use ``count`` threads in torch, in Numba, in every BLAS/OpenMP library loaded, and in XLA
+    (JAX) if jax is not imported yet.
 
-    All three are set together so no contender gets more cores than another. Numba cannot run
+    All are set together so no contender gets more cores than another. Numba cannot run
     more threads than it started with (``NUMBA_NUM_THREADS``), so its count is capped there;
     :func:`thread_report` says what each library really uses.
     """
@@ -114,6 +122,13 @@ def set_threads(count: int) -> None:
         numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
+    # XLA reads its threads from XLA_FLAGS once, when jax is imported; later it is too late.
+    # (A second call replaces the thread flags of the first; a user's other flags stay.)
+    if "jax" not in sys.modules:
+        kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                if not flag.lstrip("-").startswith(_XLA_THREAD_FLAGS)]
+        os.environ["XLA_FLAGS"] = " ".join(kept + ["--xla_cpu_multi_thread_eigen=true",
+                                                   f"intra_op_parallelism_threads={count}"])
     # NumPy's OpenBLAS (which numpylenet's Numba kernels also call) and torch's OpenMP runtime.
     from threadpoolctl import threadpool_limits
     _BLAS_LIMITS.append(threadpool_limits(limits=count))
@@ -132,6 +147,8 @@ def thread_report(requested: int) -> dict:
         report["numba"] = numba.get_num_threads()
     except ImportError:
         pass
+    if "jax" in sys.modules:
+        report["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     from threadpoolctl import threadpool_info
     report["blas"] = [f"{info.get('internal_api')} {info.get('version') or ''}".strip()
                       + f": {info['num_threads']} threads ({Path(info['filepath']).name})"
@@ -203,9 +220,14 @@ def detect_machine(clock_ghz: float | None = None, flop_per_cycle: int | None = 
 
 def vector_isa(flags: set[str]) -> tuple[str, int]:
     """The widest FP32 vector instructions among the CPU ``flags``, and the FLOP per cycle per core
-    they allow: two FMA units x lanes x 2 FLOP (a multiply and an add) per FMA."""
+    they allow: two FMA units x lanes x 2 FLOP (a multiply and an add) per FMA.
+
+    AVX-512 counts as two 256-bit FMA units (32), as AVX2 does: the project's peak rule, and the
+    real throughput of Zen 4, which splits each 512-bit FMA in two halves. The flags cannot tell
+    such a CPU from one with two full 512-bit units; ``--flop-per-cycle 64`` covers that case.
+    """
     if "avx512f" in flags:
-        return "AVX-512", 2 * 16 * 2
+        return "AVX-512", 2 * 8 * 2
     if {"avx2", "fma"} <= flags:
         return "AVX2+FMA", 2 * 8 * 2
     if "avx" in flags:
@@ -228,7 +250,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     found = {"python": platform.python_version()}
-    for package in ("numpylenet", "numpy", "numba", "torch", "torchvision"):
+    for package in ("numpylenet", "numpy", "numba", "torch", "torchvision", "jax", "jaxlib", "optax"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -362,14 +384,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return "\n".join(lines)
 
 
-def throughput(args: argparse.Namespace, functions: Callable[[int, "np.random.Generator"], dict],
-               flops_per_image: int, *, min_repeat_seconds: float, warmup: int = 1) -> tuple[list[dict], str, float]:
+# The frameworks of the throughput tables, in column order: the baselines first. Every row of
+# numpylenet is compared with each of these that ran (see benchmarks.peers for the last two).
+BASELINES = ("torch", "torch.compile", "jax")
+FRAMEWORK_LABELS = {"torch": "torch eager", "torch.compile": "torch.compile", "jax": "JAX jit"}
+PEERS = BASELINES[1:]
+
+
+def throughput(args: argparse.Namespace,
+               functions: Callable[[int, "np.random.Generator", argparse.Namespace], dict],
+               flops_per_image: int, *, min_repeat_seconds: float, warmup: int = 1,
+               latency_batch: int | None = None) -> tuple[list[dict], str, float]:
     """Images per second of per-batch functions at every ``args.batch_sizes``, interleaved
     (pausing :data:`SETTLE_SECONDS` before each repeat, except with ``--quick``).
 
-    ``functions(batch_size, rng)`` returns framework -> a function processing one batch of that
-    size (the baseline framework, "torch", among them). Returns the rows of
-    :func:`throughput_rows`, their Markdown table, and the FP32 peak (FLOP/s) of the threads used.
+    ``functions(batch_size, rng, args)`` returns framework -> a function processing one batch of
+    that size ("torch", the first baseline, among them). Returns the rows of
+    :func:`throughput_rows`, their Markdown tables (:func:`throughput_table`) and the FP32 peak
+    (FLOP/s) of the threads used.
     """
     import numpy as np
 
@@ -377,61 +409,109 @@ def throughput(args: argparse.Namespace, functions: Callable[[int, "np.random.Ge
     peak = machine.peak_gflops_for(args.threads) * 1e9
     rng = np.random.default_rng(0)
     contenders = {(framework, batch_size): function for batch_size in args.batch_sizes
-                  for framework, function in functions(batch_size, rng).items()}
+                  for framework, function in functions(batch_size, rng, args).items()}
     timings = interleaved_timings(contenders, args.repeats, min_repeat_seconds=min_repeat_seconds,
                                   warmup=warmup,
                                   settle_seconds=0.0 if args.quick else SETTLE_SECONDS)
     rows = throughput_rows(timings, flops_per_image, peak)
-    return rows, throughput_table(rows, min(args.threads, machine.cores)), peak
+    return rows, throughput_table(rows, min(args.threads, machine.cores), latency_batch), peak
 
 
 def throughput_main(argv: list[str] | None, name: str, description: str,
-                    functions: Callable[[int, "np.random.Generator"], dict], flops_per_image: int, *,
-                    batch_sizes: list[int], quick_batch_sizes: list[int], min_repeat_seconds: float,
-                    warmup: int = 1, details: Mapping[str, object] | None = None) -> dict:
+                    functions: Callable[[int, "np.random.Generator", argparse.Namespace], dict],
+                    flops_per_image: int, *, batch_sizes: list[int], quick_batch_sizes: list[int],
+                    min_repeat_seconds: float, warmup: int = 1, latency_batch: int | None = None,
+                    details: Mapping[str, object] | None = None) -> dict:
     """The whole of a throughput benchmark (``step``, ``inference``): the command line (the common
-    flags and ``--batch-sizes``), threads, :func:`throughput`, then :func:`publish` with
-    ``details`` (which name the FLOP count), the peak, the rows and the table. ``--quick`` times
-    one repeat of ``quick_batch_sizes`` without the minimum repeat length."""
+    flags, ``--batch-sizes`` and ``--peers``), threads, :func:`throughput`, then :func:`publish`
+    with ``details`` (which name the FLOP count), the peak, the rows and the tables. ``--quick``
+    times one repeat of ``quick_batch_sizes`` without the minimum repeat length, and no peer
+    unless ``--peers`` names some (torch.compile alone compiles for tens of seconds).
+
+    ``details`` is read when the result is published, after the run: a mapping the functions
+    fill while they build the contenders (such as the peers skipped, and why) ends up complete.
+    """
     parser = make_parser(name, description)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes,
+    parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=batch_sizes,
                         help=f"batch sizes to time (default {' '.join(map(str, batch_sizes))})")
+    parser.add_argument("--peers", nargs="*", choices=PEERS, default=None,
+                        help=f"the other frameworks to time beside torch eager (default: "
+                             f"{' '.join(PEERS)}; none with --quick); a peer that cannot run here "
+                             f"is skipped with a one-line reason")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.batch_sizes = 1, quick_batch_sizes
+    if args.peers is None:
+        args.peers = [] if args.quick else list(PEERS)
     set_threads(args.threads)
     rows, table, peak = throughput(args, functions, flops_per_image, warmup=warmup,
+                                   latency_batch=latency_batch,
                                    min_repeat_seconds=0.0 if args.quick else min_repeat_seconds)
     return publish(args, name, {
-        "dtype": "float32", **(details or {}), "peak_flops_for_threads": peak,
+        "dtype": "float32", **(details or {}), "peers": args.peers, "peak_flops_for_threads": peak,
         "batch_sizes": args.batch_sizes, "rows": rows, "markdown": table})
 
 
 def throughput_rows(timings: Mapping[tuple[str, int], Timing], flops_per_image: int,
-                    peak_flops: float, baseline: str = "torch") -> list[dict]:
-    """Per (framework, batch size) timing of one batch: images/s, the speed relative to
-    ``baseline`` at the same batch size, and the share of ``peak_flops`` (FLOP/s) that reaches.
-    Sorted by batch size, the baseline first."""
+                    peak_flops: float) -> list[dict]:
+    """Per (framework, batch size) timing of one batch: images/s, median microseconds per call,
+    the speed relative to each of :data:`BASELINES` timed at the same batch size (``speed_vs``;
+    ``speed_vs_torch`` repeats torch eager's), and the share of ``peak_flops`` (FLOP/s) reached.
+    Sorted by batch size, then baselines first in their order, then the others by name."""
     rows = []
     for (framework, batch_size), timing in timings.items():
         images_per_second = batch_size / timing.median
+        speed_vs = {baseline: timings[baseline, batch_size].median / timing.median
+                    for baseline in BASELINES if (baseline, batch_size) in timings}
         rows.append({"framework": framework, "batch_size": batch_size,
                      "images_per_second": images_per_second,
-                     f"speed_vs_{baseline}": timings[baseline, batch_size].median / timing.median,
+                     "median_microseconds": timing.median * 1e6,
+                     "speed_vs_torch": speed_vs["torch"], "speed_vs": speed_vs,
                      "share_of_peak": images_per_second * flops_per_image / peak_flops,
                      "timing": timing.to_json()})
-    rows.sort(key=lambda row: (row["batch_size"], row["framework"] != baseline, row["framework"]))
+    rows.sort(key=lambda row: (row["batch_size"], _framework_order(row["framework"])))
     return rows
 
 
-def throughput_table(rows: Sequence[dict], cores: int, baseline: str = "torch") -> str:
-    """The Markdown table of :func:`throughput_rows`; ``cores``: how many the peak counts."""
-    return markdown_table(
-        ["batch", "framework", "images/s", f"speed vs {baseline}",
-         f"share of FP32 peak ({cores} core{'s' if cores > 1 else ''})"],
-        [[f"{row['batch_size']:,}", row["framework"], f"{row['images_per_second']:,.0f}",
-          f"{row[f'speed_vs_{baseline}']:.2f}x", f"{100 * row['share_of_peak']:.1f}%"] for row in rows],
-        align="rlrrr")
+def _framework_order(framework: str) -> tuple[int, str]:
+    return (BASELINES.index(framework), "") if framework in BASELINES else (len(BASELINES), framework)
+
+
+def throughput_table(rows: Sequence[dict], cores: int, latency_batch: int | None = None) -> str:
+    """The Markdown of :func:`throughput_rows`; ``cores``: how many the peak counts.
+
+    First every framework side by side, a line per batch size, each cell ``images/s (share of
+    FP32 peak)``, plus, with ``latency_batch``, a line of that batch size's median microseconds
+    per call. Then a line per numpylenet row: its speed relative to each baseline that ran.
+    """
+    frameworks = sorted({row["framework"] for row in rows}, key=_framework_order)
+    batches = sorted({row["batch_size"] for row in rows})
+    found = {(row["framework"], row["batch_size"]): row for row in rows}
+    label = lambda framework: FRAMEWORK_LABELS.get(framework, framework)   # noqa: E731
+
+    def cells(batch_size, format_row):
+        return [format_row(found[framework, batch_size]) if (framework, batch_size) in found else "-"
+                for framework in frameworks]
+
+    lines = [[f"{batch_size:,}", *cells(batch_size, lambda row: f"{row['images_per_second']:,.0f} "
+                                                               f"({100 * row['share_of_peak']:.1f}%)")]
+             for batch_size in batches]
+    if latency_batch in batches:
+        lines.append([f"latency at batch {latency_batch:,} (µs per call, median)",
+                      *cells(latency_batch, lambda row: f"{row['median_microseconds']:,.0f}")])
+    side_by_side = markdown_table(["batch", *map(label, frameworks)], lines)
+    baselines = [baseline for baseline in BASELINES if baseline in frameworks]
+    ours = [row for row in rows if row["framework"] not in BASELINES]
+    ratios = markdown_table(
+        ["batch", "framework", *(f"speed vs {label(baseline)}" for baseline in baselines)],
+        [[f"{row['batch_size']:,}", row["framework"],
+          *(f"{row['speed_vs'][baseline]:.2f}x" if baseline in row["speed_vs"] else "-"
+            for baseline in baselines)] for row in ours],
+        align="rl" + "r" * len(baselines))
+    return (f"{side_by_side}\n\nImages per second (share of the FP32 peak of {cores} "
+            f"core{'s' if cores > 1 else ''}), median of the repeats; every framework on the same "
+            f"weights and batches, interleaved in one process.\n\n{ratios}\n\n"
+            f"Speed = the baseline's time per batch / numpylenet's (above 1: numpylenet is faster).")
 
 
 def publish(args: argparse.Namespace, name: str, content: dict, note: str = "") -> dict:

@@ -20,7 +20,41 @@ torch) or time the fused kernel (numba); the "training step" row times zero_grad
 + backward + Adam as training runs it, so it can be compared with the sum of the parts.
 
 Every timing is the median of ``--repeats`` round-robin repeats over all contenders
-(see :mod:`benchmarks.common`). Writes ``layers.json`` and ``layers.png``.
+(see :mod:`benchmarks.common`).
+
+The roofline table
+------------------
+A second table gives every row's FLOP per image, and, per framework, the GFLOP/s that time
+reaches and its share of the machine's FP32 peak (for ``--threads`` cores), so the layer furthest
+from the peak - the next bottleneck - stands out. FLOP are the arithmetic training needs, counted
+from the layer shapes by :func:`flops_per_image` (a multiply-add is 2 FLOP; an exp, a log, a
+square root, a division or a comparison is 1):
+
+* conv and fc layers, with ``outputs`` values per image each summing ``k`` products (conv1 6x28x28
+  outputs of k = 1x5x5, conv2 16x10x10 of 6x5x5, conv3 120 of 16x5x5, fc1 84 of 120, fc2 10 of 84):
+  forward ``2 k outputs`` (the products and sums) + ``outputs`` (the bias) + ``outputs`` (the
+  ReLU; fc2 has none); backward ``outputs`` (the ReLU's mask) + ``2 k outputs`` (dL/dW) +
+  ``outputs`` (dL/db) + ``2 k outputs`` (dL/dinput; not for conv1, whose input is the image);
+* 2x2 average pooling: forward 4 per output (3 additions and the scaling by 1/4), backward 1
+  per output (the scaling; spreading it over the 4 inputs is copying);
+* the loss over K = 10 classes, as :func:`numpylenet.softmax_cross_entropy` computes it:
+  ``7 K + 1`` = 71 per image - the row maximum (K - 1 comparisons), the shift (K), exp (K), their
+  sum (K - 1), its log (1), the log-probabilities (K), the mean of the picked ones (1); then the
+  gradient: exp (K), minus the one-hot (1), divided by N (K);
+* Adam, as :meth:`numpylenet.Adam.step` computes it: 13 per parameter per step - the first
+  moment (g - m, times 1 - beta1, added: 3), the second (v times beta2, g squared, times
+  1 - beta2, added: 4), the denominator (square root, divided by the bias correction, plus eps:
+  3), the update (m divided by it, times the step size, subtracted: 3) - over 61,706 parameters,
+  divided by the batch size to give a figure per image;
+* "all layers" and "training step": the sums of their parts.
+
+The time of a row is what the framework really spends on it, so the NumPy backend's conv1
+backward, which also computes the input gradient that training throws away, shows the rate of
+the useful work only. The step benchmark's 2.26 MFLOP per image (:func:`benchmarks.common.
+training_flops_per_image`) counts the multiply-adds alone; the training step row here adds the
+bias, ReLU, pooling, loss and Adam arithmetic, about 2% more.
+
+Writes ``layers.json`` (with the roofline rows) and ``layers.png``.
 """
 from __future__ import annotations
 
@@ -39,6 +73,16 @@ NUMPY_STAGE_LAYERS = {"conv1": slice(0, 2), "pool1": slice(2, 3), "conv2": slice
                       "fc2": slice(11, 12)}
 FRAMEWORKS = ("torch", "numpy", "numba")   # the table's column order: the baseline first
 NETWORK, LOSS, OPTIMISER, STEP = "all layers", "loss", "optimiser (Adam)", "training step"
+
+# (values per image out, products summed per value, ReLU after it, needs dL/dinput in training)
+WEIGHTED_STAGES = {"conv1": (6 * 28 * 28, 1 * 5 * 5, True, False),
+                   "conv2": (16 * 10 * 10, 6 * 5 * 5, True, True),
+                   "conv3": (120, 16 * 5 * 5, True, True),
+                   "fc1": (84, 120, True, True), "fc2": (10, 84, False, True)}
+POOL_OUTPUTS = {"pool1": 6 * 14 * 14, "pool2": 16 * 5 * 5}
+NUM_CLASSES = 10
+LOSS_FLOPS_PER_CLASS, LOSS_FLOPS_PER_IMAGE = 7, 1
+ADAM_FLOPS_PER_PARAMETER = 13
 
 
 def numpy_contenders(x: np.ndarray, labels: np.ndarray) -> dict[tuple[str, str], Callable]:
@@ -146,7 +190,8 @@ def numba_contenders(x: np.ndarray, labels: np.ndarray) -> dict[tuple[str, str],
     _, grad_logits = softmax_cross_entropy(logits, labels)
     optimizer = Adam(model.parameters(), lr=1e-4)
     return {(NETWORK, "forward"): lambda: model.forward(x),
-            (NETWORK, "backward"): lambda: model.backward(grad_logits),
+            # As training runs it: no dL/dx, like the torch rows (the image needs no gradient).
+            (NETWORK, "backward"): lambda: model.backward(grad_logits, input_grad=False),
             (LOSS, "forward + backward"): lambda: softmax_cross_entropy(logits, labels),
             (OPTIMISER, "update"): optimizer.step,
             (STEP, "whole"): _step(model, optimizer, x, labels)}
@@ -191,6 +236,61 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
               **{framework: seconds(framework, f"{row}/{phase}") for framework in frameworks}}
              for row, phase in ((LOSS, "forward + backward"), (OPTIMISER, "update"), (STEP, "whole"))]
     return rows
+
+
+def flops_per_image(batch_size: int, num_parameters: int) -> dict[tuple[str, str], float]:
+    """(row, pass) -> FLOP per image of every row of :func:`table_rows`, counted as the module
+    docstring says; ``num_parameters`` (61,706 for LeNet-5) sets Adam's, shared by the batch."""
+    flops: dict[tuple[str, str], float] = {}
+    for stage in STAGES:
+        if stage in POOL_OUTPUTS:
+            flops[stage, "forward"], flops[stage, "backward"] = 4 * POOL_OUTPUTS[stage], POOL_OUTPUTS[stage]
+            continue
+        outputs, products, relu, input_grad = WEIGHTED_STAGES[stage]
+        matmul = 2 * products * outputs
+        flops[stage, "forward"] = matmul + outputs + relu * outputs
+        flops[stage, "backward"] = relu * outputs + matmul + outputs + input_grad * matmul
+    for phase in ("forward", "backward"):
+        flops[NETWORK, phase] = sum(flops[stage, phase] for stage in STAGES)
+    flops[LOSS, "forward + backward"] = LOSS_FLOPS_PER_CLASS * NUM_CLASSES + LOSS_FLOPS_PER_IMAGE
+    flops[OPTIMISER, "update"] = ADAM_FLOPS_PER_PARAMETER * num_parameters / batch_size
+    flops[STEP, "whole"] = (flops[NETWORK, "forward"] + flops[NETWORK, "backward"]
+                            + flops[LOSS, "forward + backward"] + flops[OPTIMISER, "update"])
+    return flops
+
+
+def roofline_rows(rows: list[dict], frameworks: list[str], batch_size: int,
+                  peak_flops: float) -> list[dict]:
+    """Each row of :func:`table_rows` with its FLOP per image and, per framework timed on it,
+    ``{"gflops": ..., "share_of_peak": ...}`` (``peak_flops`` in FLOP/s) under ``framework``."""
+    from numpylenet import LeNet5
+
+    flops = flops_per_image(batch_size, LeNet5(backend="numpy").num_parameters())
+    result = []
+    for row in rows:
+        per_image = flops[row["layer"], row["pass"]]
+        entry = {"layer": row["layer"], "pass": row["pass"], "flops_per_image": per_image}
+        for framework in frameworks:
+            seconds = row.get(framework)
+            rate = per_image * batch_size / seconds if seconds else None
+            entry[framework] = None if rate is None else {"gflops": rate / 1e9,
+                                                          "share_of_peak": rate / peak_flops}
+        result.append(entry)
+    return result
+
+
+def roofline_markdown(rows: list[dict], frameworks: list[str], batch_size: int, cores: int) -> str:
+    """The Markdown table of :func:`roofline_rows`: GFLOP/s (share of peak) per framework."""
+    lines = [[row["layer"], row["pass"], f"{row['flops_per_image']:,.0f}",
+              *(f"{row[f]['gflops']:.1f} ({100 * row[f]['share_of_peak']:.1f}%)" if row.get(f)
+                else "fused" for f in frameworks)] for row in rows]
+    table = common.markdown_table(["layer", "pass", "FLOP per image",
+                                   *(f"{framework} GFLOP/s (share of peak)" for framework in frameworks)],
+                                  lines, align="ll" + "r" * (len(frameworks) + 1))
+    return (f"{table}\n\nRoofline at batch {batch_size}: the FLOP per image that training needs "
+            f"(2 per multiply-add; how each row's count is formed: the docstring of "
+            f"benchmarks/layers.py), the rate each framework reaches on it and its share of the FP32 "
+            f"peak of {cores} core{'s' if cores > 1 else ''}.")
 
 
 def markdown(rows: list[dict], frameworks: list[str], batch_size: int) -> str:
@@ -255,10 +355,16 @@ def main(argv: list[str] | None = None) -> dict:
     frameworks = [f for f in FRAMEWORKS if f in results]
     rows = table_rows(results)
     plot(rows, frameworks, args.out, args.batch_size)
+    machine = common.detect_machine(args.clock_ghz, args.flop_per_cycle)
+    peak = machine.peak_gflops_for(args.threads) * 1e9
+    roofline = roofline_rows(rows, frameworks, args.batch_size, peak)
+    cores = min(args.threads, machine.cores)
     return common.publish(args, NAME, {
         "batch_size": args.batch_size, "dtype": "float32", "frameworks": frameworks,
         "unit": "seconds per call (median)", "rows": rows, "timings": results,
-        "markdown": markdown(rows, frameworks, args.batch_size)})
+        "peak_flops_for_threads": peak, "roofline": roofline,
+        "markdown": (markdown(rows, frameworks, args.batch_size) + "\n\n"
+                     + roofline_markdown(roofline, frameworks, args.batch_size, cores))})
 
 
 if __name__ == "__main__":

@@ -4,19 +4,27 @@ Every script in ``benchmarks.all.BENCHMARKS`` that accepts ``--quick`` and ``--o
 its tiny configuration, into a temporary folder (one thread: on a loaded 2-core machine that is
 the fast and steady setting); its JSON must hold the documented fields. Then ``benchmarks.all
 --no-run`` must rewrite a copy of the README from those results.
+
+The machinery is checked against hand-made truths: the peak and FLOP counts against hand counts,
+the throughput tables on made-up timings, the peers (torch.compile traced with its "eager" backend,
+JAX when installed) against torch eager's losses and logits, and the memory probes against children
+and steps that allocate known amounts.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
-from benchmarks import common
+from benchmarks import common, layers, memory, peers
 from benchmarks.all import BENCHMARKS, accepted_flags
 
 REPO = common.REPO
@@ -24,15 +32,20 @@ REPO = common.REPO
 META_FIELDS = ("date", "machine", "machine_summary", "threads", "versions", "repeats", "quick")
 MACHINE_FIELDS = ("cpu", "cores", "clock_ghz", "flop_per_cycle", "peak_gflops")
 FIELDS = {
-    "layers": ("batch_size", "frameworks", "rows", "timings"),
+    "layers": ("batch_size", "frameworks", "rows", "timings", "roofline", "peak_flops_for_threads"),
     "epoch": ("recipe", "dataset", "train_images", "contenders"),
-    "inference": ("forward_flops_per_image", "peak_flops_for_threads", "rows"),
+    "step": ("training_flops_per_image", "peak_flops_for_threads", "peers", "skipped_peers", "rows"),
+    "inference": ("forward_flops_per_image", "peak_flops_for_threads", "peers", "skipped_peers", "rows"),
+    "memory": ("runs", "steps"),
     "data_epoch": ("dataset", "train_images", "reference", "rows"),
     "time_to_accuracy": ("dataset", "recipes", "thresholds", "clock", "headline", "table", "runs"),
 }
 ROW_FIELDS = {
     "layers": ("layer", "pass", "torch", "numpy"),
-    "inference": ("framework", "batch_size", "images_per_second", "speed_vs_torch", "share_of_peak"),
+    "step": ("framework", "batch_size", "images_per_second", "median_microseconds", "speed_vs_torch",
+             "speed_vs", "share_of_peak"),
+    "inference": ("framework", "batch_size", "images_per_second", "median_microseconds", "speed_vs_torch",
+                  "speed_vs", "share_of_peak"),
     "data_epoch": ("contender", "epoch_seconds", "share_of_training_epoch", "timing"),
 }
 
@@ -129,7 +142,7 @@ def test_all_rewrites_readme_between_markers(quick_results, tmp_path):
 
 
 def isa(flags): return common.vector_isa(set(flags.split()))
-def test_isa_avx512(): assert isa("sse avx avx2 fma avx512f") == ("AVX-512", 64)
+def test_isa_avx512_counts_as_two_256_bit_fma_units(): assert isa("sse avx avx2 fma avx512f") == ("AVX-512", 32)
 def test_isa_avx2_fma(): assert isa("sse avx avx2 fma") == ("AVX2+FMA", 32)
 def test_isa_avx2_without_fma(): assert isa("sse avx avx2") == ("AVX", 16)
 def test_isa_sse(): assert isa("sse sse2") == ("SSE", 8)
@@ -160,3 +173,194 @@ def test_interleaved_timings_run_round_robin():
 
 def test_markdown_table_shape():
     assert common.markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "|---|---:|", "| 1 | 2 |"]
+
+
+
+# ---------------------------------------------------------------- throughput tables with peers
+
+
+def fake_timings(seconds):
+    """(framework, batch) -> Timing of one repeat, from {(framework, batch): seconds}."""
+    return {key: common.Timing(key[0], [value], 1) for key, value in seconds.items()}
+
+
+def test_throughput_rows_compare_with_every_baseline():
+    timings = fake_timings({("torch", 10): 0.04, ("torch.compile", 10): 0.02, ("numpylenet (numba)", 10): 0.01,
+                            ("torch", 1): 0.003, ("numpylenet (numba)", 1): 0.001})
+    rows = common.throughput_rows(timings, flops_per_image=1000, peak_flops=1e6)
+    ours = {(row["framework"], row["batch_size"]): row for row in rows}
+    fast = ours["numpylenet (numba)", 10]
+    assert fast["speed_vs"] == pytest.approx({"torch": 4.0, "torch.compile": 2.0})
+    assert fast["images_per_second"] == pytest.approx(1000) and fast["share_of_peak"] == pytest.approx(1.0)
+    assert ours["numpylenet (numba)", 1]["speed_vs"] == pytest.approx({"torch": 3.0})   # no compile at batch 1
+    assert [row["framework"] for row in rows[2:]] == ["torch", "torch.compile", "numpylenet (numba)"]
+    table = common.throughput_table(rows, cores=2, latency_batch=1)
+    assert "| batch | torch eager | torch.compile | numpylenet (numba) |" in table
+    assert "| 10 | 250 (25.0%) | 500 (50.0%) | 1,000 (100.0%) |" in table
+    assert "| latency at batch 1 (µs per call, median) | 3,000 | - | 1,000 |" in table
+    assert "| 10 | numpylenet (numba) | 4.00x | 2.00x |" in table and "| 1 | numpylenet (numba) | 3.00x | - |" in table
+
+
+def test_set_threads_gives_xla_its_threads(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x intra_op_parallelism_threads=7")
+    monkeypatch.delitem(sys.modules, "jax", raising=False)
+    monkeypatch.setattr(common, "_BLAS_LIMITS", [])
+    import numba
+    import torch
+    before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        common.set_threads(1)
+    finally:
+        torch.set_num_threads(before[0]), numba.set_num_threads(before[1])
+        common._BLAS_LIMITS[0].restore_original_limits()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags == ["--xla_dump_to=/tmp/x", "--xla_cpu_multi_thread_eigen=true", "intra_op_parallelism_threads=1"]
+
+
+def test_a_failing_peer_is_skipped_with_one_line(capsys, monkeypatch):
+    def broken():
+        raise RuntimeError("inductor exploded\nlong traceback")
+    monkeypatch.setattr(peers, "jax_unavailable_reason", lambda: "jax is not installed")
+    functions, skipped = {"torch": print}, {}
+    peers.add_peers(functions, {"torch.compile": broken, "jax": broken}, ["torch.compile", "jax"], skipped, 32)
+    assert list(functions) == ["torch"]
+    assert skipped == {"torch.compile": "RuntimeError at batch 32: inductor exploded", "jax": "jax is not installed"}
+    assert capsys.readouterr().out.splitlines() == [
+        "skipping peer torch.compile: RuntimeError at batch 32: inductor exploded",
+        "skipping peer jax: jax is not installed"]
+
+
+def small_batch(batch_size=6, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.random((batch_size, 1, 32, 32), dtype=np.float32), rng.integers(0, 10, batch_size)
+
+
+def torch_losses(state, x, labels, steps):
+    """The losses of ``steps`` torch eager Adam(1e-3) steps: the truth the peers are held to."""
+    import torch
+    import torch.nn.functional as F
+    model = peers.torch_model(state)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(labels))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_torch_compiled_step_trains_like_torch_eager():
+    """The compiled step's wiring (one function: zero_grad, forward, loss, backward, Adam), traced by
+    TorchDynamo with the "eager" backend: inductor would compile for tens of seconds."""
+    state, (x, labels) = peers.initial_state(seed=3), small_batch()
+    step = peers.torch_compiled_step(state, x, labels, backend="eager")
+    assert [step().item() for _ in range(3)] == pytest.approx(torch_losses(state, x, labels, 3), rel=1e-5)
+    import torch
+    logits = peers.torch_compiled_forward(state, x, backend="eager")()
+    expected = peers.torch_model(state)(torch.from_numpy(x)).detach().numpy()
+    assert logits.numpy() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_jax_forward_and_step_equal_torch():
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import torch
+    state, (x, labels) = peers.initial_state(seed=5), small_batch()
+    expected = peers.torch_model(state)(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(np.asarray(peers.jax_logits(peers.jax_params(state), x)), expected, rtol=1e-4, atol=1e-5)
+    assert peers.check_jax_forward(state, x) < 1e-4
+    step = peers.jax_step(state, x, labels)
+    assert [float(step()) for _ in range(3)] == pytest.approx(torch_losses(state, x, labels, 3), rel=1e-4)
+    assert np.asarray(peers.jax_forward(state, x)()) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_a_wrong_jax_model_fails_the_startup_check(monkeypatch):
+    jax = pytest.importorskip("jax")
+    right = peers.jax_logits
+    monkeypatch.setattr(peers, "jax_logits", lambda params, x: right(params, jax.numpy.flip(x, axis=3)))
+    with pytest.raises(AssertionError, match="JAX's LeNet-5 forward differs"):
+        peers.check_jax_forward(peers.initial_state(), small_batch()[0])
+
+
+# ---------------------------------------------------------------- the roofline's FLOP counts
+
+
+def test_layer_flops_match_the_hand_count():
+    flops = layers.flops_per_image(batch_size=64, num_parameters=61_706)
+    # conv1: 4,704 outputs of 25 products: 2 x 117,600 + bias + ReLU; backward: mask + dW + db, no dx.
+    assert flops["conv1", "forward"] == 235_200 + 4_704 + 4_704
+    assert flops["conv1", "backward"] == 4_704 + 235_200 + 4_704
+    # conv2: 1,600 outputs of 150 products; its backward also forms dL/dinput.
+    assert flops["conv2", "backward"] == 1_600 + 480_000 + 1_600 + 480_000
+    assert flops["pool1", "forward"] == 4 * 1_176 and flops["pool2", "backward"] == 400
+    assert flops["fc2", "forward"] == 1_680 + 10                    # no ReLU after the last layer
+    assert flops["loss", "forward + backward"] == 71
+    assert flops["optimiser (Adam)", "update"] == pytest.approx(13 * 61_706 / 64)
+    # The multiply-adds alone are the step benchmark's count.
+    macs = sum(2 * outputs * products for outputs, products, _, _ in layers.WEIGHTED_STAGES.values())
+    assert macs == common.forward_flops_per_image()
+    parts = [flops[key] for key in flops if key[0] in layers.STAGES + ("loss", "optimiser (Adam)")]
+    assert flops["training step", "whole"] == pytest.approx(sum(parts))
+
+
+def test_roofline_rate_is_flop_times_batch_over_time():
+    rows = [{"layer": "conv1", "pass": "forward", "torch": 1e-3, "numba": None}]
+    (row,) = layers.roofline_rows(rows, ["torch", "numba"], batch_size=64, peak_flops=100e9)
+    assert row["torch"]["gflops"] == pytest.approx(244_608 * 64 / 1e-3 / 1e9)
+    assert row["torch"]["share_of_peak"] == pytest.approx(244_608 * 64 / 1e-3 / 100e9)
+    assert row["numba"] is None
+    assert "| conv1 | forward | 244,608 | 15.7 (15.7%) | fused |" in layers.roofline_markdown([row], ["torch", "numba"], 64, 2)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_child_peak_rss_sees_the_childs_own_allocation():
+    """A child touching 300 MB reports at least that; an empty one far less, although this test
+    process (torch, NumPy, Numba loaded) is larger than that: it is not inherited."""
+    big = memory.child_peak_rss([sys.executable, "-c", "b = bytearray(300 * 2**20); print('done')"])
+    small = memory.child_peak_rss([sys.executable, "-c", "pass"])
+    assert big["peak_rss_mib"] >= 300 and big["last_line"] == "done"
+    assert small["peak_rss_mib"] < 100
+    with pytest.raises(RuntimeError, match="exit 3"):
+        memory.child_peak_rss([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+@pytest.fixture
+def allocating_module(tmp_path, monkeypatch):
+    """A module in its own folder: one function allocating a new (1000,) float64 array, one
+    writing into a given array."""
+    (tmp_path / "alloc_mod.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def fresh():
+            return np.ones(1000)
+        def into(out):
+            np.multiply(out, 2.0, out=out)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import alloc_mod
+    return alloc_mod, str(tmp_path)
+
+
+def test_step_allocations_names_the_allocating_line(allocating_module):
+    module, folder = allocating_module
+    kept = []
+    found = memory.step_allocations(lambda: kept.append(module.fresh()), package=folder)
+    arrays = [entry for entry in found if entry["kind"] == "numpy"]
+    assert len(arrays) == 1 and arrays[0]["bytes"] >= 8000 and arrays[0]["line"].endswith("alloc_mod.py:4")
+    buffer = np.zeros(1000)
+    found = memory.step_allocations(lambda: module.into(buffer), package=folder)
+    assert [entry for entry in found if entry["kind"] == "numpy"] == []
+
+
+def test_step_growth_tells_a_leak_from_a_steady_step(allocating_module):
+    module, _ = allocating_module
+    kept, buffer = [], np.zeros(1000)
+    leak = memory.step_growth(lambda: kept.append(module.fresh()), steps=20)
+    steady = memory.step_growth(lambda: module.into(buffer), steps=20)
+    assert leak["net_growth_bytes"] >= 20 * 8000 and leak["second_half_growth_bytes"] >= 10 * 8000
+    assert leak["peak_within_step_bytes"] >= 8000
+    assert steady["net_growth_bytes"] < 8000 and steady["second_half_growth_bytes"] < 8000
+    assert steady["peak_within_step_bytes"] < 8000
