@@ -156,11 +156,26 @@ class NumbaLeNet5:
                                    bool(input_grad))
         return work.grad_x.copy() if input_grad else None
 
+    def forward_backward(self, x: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0) -> float:
+        """A training step's passes, allocating nothing: the forward pass, the loss
+        (:func:`~numpylenet.kernels.softmax_cross_entropy`, into ``work.grad_logits``) and the
+        backward pass without dL/dx. Adds dL/dW into ``flat_grad``; returns the loss.
+
+        x : (N, 1, 32, 32), floating-point;  labels : (N,), integers in [0, 10).
+        """
+        work = self._workspace(x.shape[0])
+        np.copyto(work.x, x)
+        with _kernel_threads(self.threads):
+            kernels.lenet_forward(self.per_thread[0], self.flat_data, self.codes, work)
+            loss = kernels.softmax_cross_entropy(work.logits, labels, float(label_smoothing), work.grad_logits)
+            kernels.lenet_backward(self.per_thread[1], self.flat_data, self.flat_grad, self.codes, work, False)
+        return loss
+
     @classmethod
     def compile(cls, dtype, optimizer: str | None = None) -> None:
         """Run every kernel a run uses once, on a tiny batch and zero weights, so that Numba
         compiles them (or loads them from its on-disk cache) for ``dtype``: both passes, with and
-        without dL/dx, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both). One
+        without dL/dx, the loss, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both). One
         compilation serves every activation and pooling (the kernels take them as run-time codes).
 
         Compiling is what a fresh machine waits for (see
@@ -171,8 +186,10 @@ class NumbaLeNet5:
             raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES} or None, got {optimizer!r}")
         data, grad = np.zeros(kernels.NUM_PARAMETERS, dtype), np.zeros(kernels.NUM_PARAMETERS, dtype)
         engine = cls(data, grad)
-        engine.forward(np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), dtype))
+        images = np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), dtype)
+        engine.forward(images)
         engine.backward(np.zeros((2, kernels.NUM_CLASSES), dtype))
+        engine.forward_backward(images, np.zeros(2, np.int64))
         state = np.zeros((2, kernels.NUM_PARAMETERS), dtype)
         if optimizer in (None, "adam"):
             fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))

@@ -15,7 +15,7 @@ the work happens, never *what* is computed. Each layer of the network has its pa
 | act | `layers.ReLU`, `layers.Tanh`, `layers.Sigmoid` | `bias_activation`, `activation_backward` | in place | |
 | pool | `layers.AvgPool2d`, `layers.MaxPool2d` | `pool_forward`, `pool_activation_backward` | NHWC | |
 | flatten | `layers.Flatten` | none [5] | | |
-| loss | `loss.softmax_cross_entropy` | none: NumPy on both backends | | |
+| loss | `loss.softmax_cross_entropy` | `softmax_cross_entropy` | (N, 10), into the workspace | |
 | network | `model.LeNet5.forward`, `model.LeNet5.backward` | `lenet_forward`, `lenet_backward` | [6] | all |
 | Adam | `optim.Adam.step` | `adam_step` | flat buffer | all ten |
 | SGD | `optim.SGD.step` | `sgd_step` | flat buffer | all ten |
@@ -84,7 +84,7 @@ __all__ = [
     "pool_forward", "pool_activation_backward", "conv1_forward", "conv1_backward", "conv2_forward",
     "conv2_backward", "dense_forward", "dense_backward", "Parameters", "parameter_views",
     "Workspace", "make_workspace", "KernelAddress", "forward_images", "backward_images",
-    "lenet_forward", "lenet_backward", "adam_step", "sgd_step",
+    "lenet_forward", "lenet_backward", "softmax_cross_entropy", "adam_step", "sgd_step",
 ]
 
 
@@ -950,6 +950,49 @@ def lenet_backward(per_thread, flat_params, flat_grad, codes, work, input_grad):
                 thread_grads[0, i] += thread_grads[t, i]
         for i in range(lo, hi):
             flat_grad[i] += thread_grads[0, i]
+
+
+# --------------------------------------------------------------------------------------------
+# The loss (loss.softmax_cross_entropy), into the workspace
+# --------------------------------------------------------------------------------------------
+
+@kernel
+def softmax_cross_entropy(logits, labels, label_smoothing, grad_logits):
+    """:func:`numpylenet.loss.softmax_cross_entropy`, writing dL/dz into ``grad_logits``::
+
+        log p[n, k] = z[n, k] - m_n - log sum_j exp(z[n, j] - m_n)      (m_n = max_j z[n, j])
+        q = (1 - eps) onehot(y) + eps / K
+        L = -(1/N) sum_n [(1 - eps) log p[n, y_n] + (eps / K) sum_k log p[n, k]]
+        dL/dz = (p - q) / N
+
+    Row by row, in the logits' dtype as the NumPy loss computes (the loss summed in float64), so a
+    training step allocates nothing. Returns L (float64); ValueError for a label outside [0, K).
+
+    logits, grad_logits : (N, K), C-contiguous;  labels : (N,) integers;  label_smoothing : eps.
+    """
+    n, classes = logits.shape
+    real = logits.dtype.type
+    keep, spread, scale = real(1 - label_smoothing), real(label_smoothing / classes), real(1 / n)
+    total = 0.0
+    for r in range(n):
+        label = labels[r]
+        if label < 0 or label >= classes:
+            raise ValueError("labels must lie in [0, number of classes)")
+        peak = logits[r, 0]
+        for k in range(1, classes):
+            peak = max(peak, logits[r, k])
+        exp_sum = real(0)
+        for k in range(classes):
+            exp_sum += np.exp(logits[r, k] - peak)
+        log_exp_sum = np.log(exp_sum)
+        log_prob_sum = 0.0
+        for k in range(classes):
+            log_prob = (logits[r, k] - peak) - log_exp_sum
+            log_prob_sum += log_prob
+            grad_logits[r, k] = (np.exp(log_prob) - spread) * scale
+        total += keep * ((logits[r, label] - peak) - log_exp_sum) + spread * log_prob_sum
+        grad_logits[r, label] -= keep * scale
+    return -total / n
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,9 +101,7 @@ class NumpyLearner:
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         self.optimizer.lr = lr
         self.model.zero_grad()
-        loss, grad_logits = softmax_cross_entropy(self.model.forward(x), y,
-                                                  label_smoothing=self.label_smoothing)
-        self.model.backward(grad_logits, input_grad=False)   # training never needs dL/dx
+        loss = self.model.forward_backward(x, y, label_smoothing=self.label_smoothing)
         self.optimizer.step()
         return loss
 
