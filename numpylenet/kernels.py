@@ -98,6 +98,8 @@ def kernel(function=None, **options):
 
 # Activation and pooling codes: Numba kernels branch on small ints, outside their inner loops.
 RELU, TANH, SIGMOID, IDENTITY = 0, 1, 2, 3
+# Passed as np.int64(code) where a constant code would do, so that Numba compiles the layer once
+# for all codes instead of once more for that constant.
 AVG, MAX = 0, 1
 # Keyed by every name of names.ACTIVATION_NAMES and names.POOL_NAMES (tests/test_layout.py checks).
 ACTIVATION_CODES = {"relu": RELU, "tanh": TANH, "sigmoid": SIGMOID}
@@ -860,7 +862,7 @@ def forward_images(flat_params, codes, work, t, lo, hi):
     pool2 = work.pool2[mine].reshape(hi - lo, -1)            # conv3's input: its one 5x5 window
     dense_forward(pool2, params.conv3, codes.activation, y=work.conv3[mine])
     dense_forward(work.conv3[mine], params.fc1, codes.activation, y=work.fc1[mine])
-    dense_forward(work.fc1[mine], params.fc2, IDENTITY, y=work.logits[mine])
+    dense_forward(work.fc1[mine], params.fc2, np.int64(IDENTITY), y=work.logits[mine])
 
 
 @kernel(parallel=True)
@@ -894,7 +896,7 @@ def backward_images(flat_params, codes, work, t, lo, hi, input_grad):
     grads = _with_conv2_weight(parameter_views(work.grads[t]), work.grad_conv2_weight[t])
     work.grad_conv2_weight[t] = 0
     activation, mine = codes.activation, slice(lo, hi)
-    dense_backward(work.grad_logits[mine], work.fc1[mine], work.logits[mine], params.fc2, IDENTITY,
+    dense_backward(work.grad_logits[mine], work.fc1[mine], work.logits[mine], params.fc2, np.int64(IDENTITY),
                    grad_layer=grads.fc2, grad_x=work.grad_fc1[mine])
     dense_backward(work.grad_fc1[mine], work.conv3[mine], work.fc1[mine], params.fc1, activation,
                    grad_layer=grads.fc1, grad_x=work.grad_conv3[mine])
