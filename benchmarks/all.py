@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS
 
-BENCHMARKS = ("step", "inference", "layers", "memory", "epoch", "parity", "data_epoch",
+BENCHMARKS = ("step", "inference", "layers", "memory", "cold_start", "epoch", "parity", "data_epoch",
               "time_to_accuracy")
 # Documents whose marked blocks hold benchmark tables.
 DOCUMENTS = (REPO / "README.md", REPO / "docs" / "tour.md")

@@ -6,7 +6,8 @@
 * :func:`load_error_text`: a data or checkpoint error as the one line it is reported as;
 * :func:`confusion_matrix` and :func:`per_class_accuracy`, the report both tools print;
 * :func:`build_with_cache_recovery`: building the learner (where Numba compiles or loads its disk
-  cache), recovering from an unreadable cache entry by discarding it and compiling again.
+  cache), saying at once when that turns into a compile (:func:`compile_announcement`), and
+  recovering from an unreadable cache entry by discarding it and compiling again.
 
 Exit statuses: 0 done, 1 training diverged, 2 bad command line, data, checkpoint or output folder,
 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM).
@@ -20,17 +21,20 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from .backend import COMPILE_SECONDS, resolve_backend
 from .backend import available_cores  # noqa: F401  (re-exported: train and evaluate use it from here)
 from .names import BACKEND_NAMES
 
 __all__ = ["OneLineErrorParser", "RunError", "run_tool", "positive_int", "non_negative_int",
            "positive_float", "non_negative_float", "open_fraction", "path_argument",
            "add_data_arguments", "add_backend_argument", "load_error_text", "confusion_matrix",
-           "per_class_accuracy", "available_cores", "build_with_cache_recovery", "print_note"]
+           "per_class_accuracy", "available_cores", "build_with_cache_recovery", "compile_announcement",
+           "ANNOUNCE_AFTER_SECONDS", "print_note"]
 
 T = TypeVar("T")
 
@@ -143,8 +147,32 @@ def per_class_accuracy(matrix) -> dict[str, float | None]:
 # --------------------------------------------------------------------------------------------
 # Numba's disk cache
 
-def build_with_cache_recovery(build: Callable[[], T], note: Callable[[str], None]) -> T:
-    """``build()``, recovering when Numba cannot read an entry of its on-disk cache.
+# Loading every kernel from a warm Numba cache takes a few tenths of a second; a build still
+# running after this long is compiling, and the user hears so while it does.
+ANNOUNCE_AFTER_SECONDS = 1.0
+
+
+def compile_announcement(backend: str | None, dtype: str, optimizer: str | None) -> str | None:
+    """What to print while the learner's kernels compile: None unless ``backend`` resolves to
+    numba (the numpy backend compiles nothing)."""
+    try:
+        if resolve_backend(backend) != "numba":
+            return None
+    except ValueError:
+        return None         # building the learner reports it
+    what = dtype if optimizer is None else f"{dtype} and {optimizer}"
+    return (f"compiling Numba kernels for {what}, once per machine: ~{COMPILE_SECONDS} s "
+            f"(then cached on disk)")
+
+
+def build_with_cache_recovery(build: Callable[[], T], note: Callable[[str], None],
+                              announce: str | None = None) -> T:
+    """``build()``, announcing a long compile, and recovering when Numba cannot read an entry of
+    its on-disk cache.
+
+    ``announce`` (if given) is printed as soon as ``build()`` has run for
+    :data:`ANNOUNCE_AFTER_SECONDS` without finishing, that is, at the start of a compile and not
+    after it; a build that loads its kernels from the cache finishes first and prints nothing.
 
     Numba pickles compiled kernels into ``.nbi`` (index) and ``.nbc`` (data) files, in the
     ``__pycache__`` beside the source or under ``$NUMBA_CACHE_DIR``; a file cut short (a kill
@@ -153,6 +181,20 @@ def build_with_cache_recovery(build: Callable[[], T], note: Callable[[str], None
     entry it came from (its index and data files), says so through ``note``, and builds again,
     so Numba recompiles that kernel; any other error propagates unchanged.
     """
+    timer = None
+    if announce is not None:
+        timer = threading.Timer(ANNOUNCE_AFTER_SECONDS, lambda: print(announce, flush=True))
+        timer.daemon = True
+        timer.start()
+    try:
+        return _build_recovering(build, note)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _build_recovering(build: Callable[[], T], note: Callable[[str], None]) -> T:
+    """:func:`build_with_cache_recovery` without the announcement."""
     discarded: set[Path] = set()
     while True:
         try:

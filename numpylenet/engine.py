@@ -27,7 +27,7 @@ import numpy as np
 
 from . import kernels
 from .blas import blas_threads, set_blas_threads
-from .names import DTYPE_NAMES
+from .names import DTYPE_NAMES, OPTIMIZER_NAMES
 
 __all__ = ["NumbaLeNet5", "start_thread_pool", "fused_adam_step", "fused_sgd_step", "warmup"]
 
@@ -111,6 +111,7 @@ class NumbaLeNet5:
         self.codes = kernels.Codes(kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool])
         self.work: kernels.Workspace | None = None
         self.threads = 0
+        self.per_thread: tuple[kernels.KernelAddress, kernels.KernelAddress] | None = None
 
     @classmethod
     def for_model(cls, model) -> NumbaLeNet5:
@@ -129,6 +130,10 @@ class NumbaLeNet5:
         if self.work is None or (self.work.x.shape[0], self.threads) != (batch_size, threads):
             self.work = kernels.make_workspace(batch_size, threads, self.flat_data.dtype)
             self.threads = threads
+        if self.per_thread is None:        # the per-thread passes, for the parallel kernels to call
+            common = (self.flat_data, self.codes, self.work, 0, 0, 0)
+            self.per_thread = (kernels.KernelAddress(kernels.forward_images, common),
+                               kernels.KernelAddress(kernels.backward_images, (*common, True)))
         return self.work
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -136,7 +141,7 @@ class NumbaLeNet5:
         work = self._workspace(x.shape[0])
         np.copyto(work.x, x)        # the backward pass reads this copy: the caller may reuse x
         with _kernel_threads(self.threads):
-            kernels.lenet_forward(self.flat_data, self.codes, work)
+            kernels.lenet_forward(self.per_thread[0], self.flat_data, self.codes, work)
         return work.logits.copy()
 
     def backward(self, grad_logits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
@@ -147,23 +152,49 @@ class NumbaLeNet5:
         work = self.work
         np.copyto(work.grad_logits, grad_logits)
         with _kernel_threads(self.threads):
-            kernels.lenet_backward(self.flat_data, self.flat_grad, self.codes, work, bool(input_grad))
+            kernels.lenet_backward(self.per_thread[1], self.flat_data, self.flat_grad, self.codes, work,
+                                   bool(input_grad))
         return work.grad_x.copy() if input_grad else None
 
+    def forward_backward(self, x: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0) -> float:
+        """A training step's passes, allocating nothing: the forward pass, the loss
+        (:func:`~numpylenet.kernels.softmax_cross_entropy`, into ``work.grad_logits``) and the
+        backward pass without dL/dx. Adds dL/dW into ``flat_grad``; returns the loss.
+
+        x : (N, 1, 32, 32), floating-point;  labels : (N,), integers in [0, 10).
+        """
+        work = self._workspace(x.shape[0])
+        np.copyto(work.x, x)
+        with _kernel_threads(self.threads):
+            kernels.lenet_forward(self.per_thread[0], self.flat_data, self.codes, work)
+            loss = kernels.softmax_cross_entropy(work.logits, labels, float(label_smoothing), work.grad_logits)
+            kernels.lenet_backward(self.per_thread[1], self.flat_data, self.flat_grad, self.codes, work, False)
+        return loss
+
     @classmethod
-    def compile(cls, dtype) -> None:
-        """Run every kernel once, on a tiny batch and zero weights, so that Numba compiles them
-        (or loads them from its on-disk cache) for ``dtype``: both passes, with and without
-        dL/dx, and both fused optimiser steps. One compilation serves every activation and
-        pooling (the kernels take them as run-time codes)."""
+    def compile(cls, dtype, optimizer: str | None = None) -> None:
+        """Run every kernel a run uses once, on a tiny batch and zero weights, so that Numba
+        compiles them (or loads them from its on-disk cache) for ``dtype``: both passes, with and
+        without dL/dx, the loss, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both). One
+        compilation serves every activation and pooling (the kernels take them as run-time codes).
+
+        Compiling is what a fresh machine waits for (see
+        :data:`numpylenet.backend.COMPILE_SECONDS`); each kernel
+        compiled here is one specialisation, so nothing is compiled again at the first step."""
         dtype = np.dtype(dtype)
+        if optimizer not in (None, *OPTIMIZER_NAMES):
+            raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES} or None, got {optimizer!r}")
         data, grad = np.zeros(kernels.NUM_PARAMETERS, dtype), np.zeros(kernels.NUM_PARAMETERS, dtype)
         engine = cls(data, grad)
-        engine.forward(np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), dtype))
+        images = np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), dtype)
+        engine.forward(images)
         engine.backward(np.zeros((2, kernels.NUM_CLASSES), dtype))
+        engine.forward_backward(images, np.zeros(2, np.int64))
         state = np.zeros((2, kernels.NUM_PARAMETERS), dtype)
-        fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))
-        fused_sgd_step(data, grad, state[0], (0.1, 0.9, 0.0, 0.0, False), first_step=True)
+        if optimizer in (None, "adam"):
+            fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))
+        if optimizer in (None, "sgd"):
+            fused_sgd_step(data, grad, state[0], (0.1, 0.9, 0.0, 0.0, False), first_step=True)
 
 
 def fused_adam_step(data: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,

@@ -114,7 +114,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import data
-    from .cli import build_with_cache_recovery, print_note
+    from .cli import build_with_cache_recovery, compile_announcement, print_note
     from .files import json_text, write_text
     from .loop import Evaluation, NumpyLearner, evaluate_batches
     from .pipeline import Stream, evaluation_batches, generator, load_dataset
@@ -140,7 +140,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{PROG}: WARNING: full MNIST is not available, evaluating on the BUNDLED mnist-sample "
               f"({len(labels):,} test images). Reason: {fallback}", file=sys.stderr)
     try:
-        learner = build_with_cache_recovery(lambda: NumpyLearner(config), lambda text: print_note(PROG, text))
+        learner = build_with_cache_recovery(lambda: NumpyLearner(config), lambda text: print_note(PROG, text),
+                                            compile_announcement(config.backend, config.dtype, config.optimizer))
         learner.load_state(weights, None)
     except ValueError as error:
         raise RunError(f"{path} does not hold LeNet-5 weights: {error}") from None

@@ -15,7 +15,7 @@ the work happens, never *what* is computed. Each layer of the network has its pa
 | act | `layers.ReLU`, `layers.Tanh`, `layers.Sigmoid` | `bias_activation`, `activation_backward` | in place | |
 | pool | `layers.AvgPool2d`, `layers.MaxPool2d` | `pool_forward`, `pool_activation_backward` | NHWC | |
 | flatten | `layers.Flatten` | none [5] | | |
-| loss | `loss.softmax_cross_entropy` | none: NumPy on both backends | | |
+| loss | `loss.softmax_cross_entropy` | `softmax_cross_entropy` | (N, 10), into the workspace | |
 | network | `model.LeNet5.forward`, `model.LeNet5.backward` | `lenet_forward`, `lenet_backward` | [6] | all |
 | Adam | `optim.Adam.step` | `adam_step` | flat buffer | all ten |
 | SGD | `optim.SGD.step` | `sgd_step` | flat buffer | all ten |
@@ -71,18 +71,20 @@ from typing import NamedTuple
 
 import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, prange, typeof, types
+from numba.extending import typeof_impl
 
 from .blas import LIBRARY, gemm_address
 
 __all__ = [
     "kernel", "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
     "Codes", "PARAMETER_SHAPES", "NUM_PARAMETERS", "KERNEL", "POOL", "SUB_BATCH", "gemm",
-    "im2col_channels_last", "col2im_channels_last", "permute_conv_weight",
+    "channels_last", "im2col_channels_last", "col2im_channels_last", "permute_conv_weight",
     "add_unpermuted_conv_weight", "bias_activation", "activate_in_place", "activation_backward",
     "pool_forward", "pool_activation_backward", "conv1_forward", "conv1_backward", "conv2_forward",
     "conv2_backward", "dense_forward", "dense_backward", "Parameters", "parameter_views",
-    "Workspace", "make_workspace", "lenet_forward", "lenet_backward", "adam_step", "sgd_step",
+    "Workspace", "make_workspace", "KernelAddress", "forward_images", "backward_images",
+    "lenet_forward", "lenet_backward", "softmax_cross_entropy", "adam_step", "sgd_step",
 ]
 
 
@@ -96,6 +98,8 @@ def kernel(function=None, **options):
 
 # Activation and pooling codes: Numba kernels branch on small ints, outside their inner loops.
 RELU, TANH, SIGMOID, IDENTITY = 0, 1, 2, 3
+# Passed as np.int64(code) where a constant code would do, so that Numba compiles the layer once
+# for all codes instead of once more for that constant.
 AVG, MAX = 0, 1
 # Keyed by every name of names.ACTIVATION_NAMES and names.POOL_NAMES (tests/test_layout.py checks).
 ACTIVATION_CODES = {"relu": RELU, "tanh": TANH, "sigmoid": SIGMOID}
@@ -206,6 +210,17 @@ def _unsigned_shape(array):
     """The four dimensions of a 4-D array as unsigned ints."""
     return (np.uint64(array.shape[0]), np.uint64(array.shape[1]), np.uint64(array.shape[2]),
             np.uint64(array.shape[3]))
+
+
+@kernel
+def channels_last(array):
+    """The (N, C, H, W) ``array`` seen as (N, H, W, C): ``array.transpose(0, 2, 3, 1)``, a view.
+
+    Written with ``as_strided`` because Numba's ``transpose`` with axes compiles its argument
+    checks' error messages along with it: 2.5 s of a cold start, for nothing the kernels use."""
+    n, c, h, w = array.shape
+    sn, sc, sh, sw = array.strides
+    return np.lib.stride_tricks.as_strided(array, (n, h, w, c), (sn, sh, sw, sc))
 
 
 @kernel
@@ -540,8 +555,8 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
     span = (out_h - _ONE) * width + width - np.uint64(KERNEL - 1)
     zero = y.dtype.type(0)
     for n in range(n_images):
-        pool_activation_backward(grad_pooled[n:n + 1], y[n:n + 1].transpose(0, 2, 3, 1), codes,
-                                 POOL_WINDOW, grad_z[np.newaxis].transpose(0, 2, 3, 1))
+        pool_activation_backward(grad_pooled[n:n + 1], channels_last(y[n:n + 1]), codes,
+                                 POOL_WINDOW, channels_last(grad_z[np.newaxis]))
         image = x[n, 0].ravel()
         for c in range(channels):
             dz = grad_z[c].ravel()
@@ -604,7 +619,7 @@ def conv2_forward(x, conv2, codes, cols, y, pooled):
     z = y.reshape(rows, channels)
     gemm(unfolded, weight, z, False, True)                 # Z = cols @ W^T
     bias_activation(z, bias, activation)
-    pool_forward(y, pool, POOL_WINDOW, pooled.transpose(0, 2, 3, 1))
+    pool_forward(y, pool, POOL_WINDOW, channels_last(pooled))
 
 
 @kernel
@@ -632,7 +647,7 @@ def conv2_backward(grad_pooled, x, y, conv2, codes, grad_conv2, cols, grad_z, gr
     grad_weight, grad_bias = grad_conv2
     n_images, out_h, out_w, channels = y.shape
     rows = n_images * out_h * out_w
-    pool_activation_backward(grad_pooled.transpose(0, 2, 3, 1), y, codes, POOL_WINDOW, grad_z)
+    pool_activation_backward(channels_last(grad_pooled), y, codes, POOL_WINDOW, grad_z)
     dz = grad_z.reshape(rows, channels)
     _add_column_sums(dz, grad_bias)                        # db += sum over rows of dZ
     unfolded = cols[:rows * weight.shape[1]].reshape(rows, weight.shape[1])
@@ -710,20 +725,27 @@ class Parameters(NamedTuple):
     fc2: tuple      # (10, 84), (10,)
 
 
+# Where each layer's (weight, bias) pair sits in the flat buffer: (weight start, bias start, bias
+# end, weight rows), plain ints, so that one compiled _layer_views serves all five layers.
+_LAYER_PLACES = tuple((_OFFSETS[2 * layer], _OFFSETS[2 * layer + 1], _OFFSETS[2 * layer + 2], rows)
+                      for layer, (rows, _) in enumerate(_WEIGHT_MATRICES))
+
+
 @kernel
-def _layer_views(flat, layer):
-    """(weight matrix, bias) of layer number ``layer`` (conv1 = 0 ... fc2 = 4), views into ``flat``."""
-    weight, bias = 2 * layer, 2 * layer + 1            # their places in PARAMETER_SHAPES
-    return (flat[_OFFSETS[weight]:_OFFSETS[weight + 1]].reshape(_WEIGHT_MATRICES[layer]),
-            flat[_OFFSETS[bias]:_OFFSETS[bias + 1]])
+def _layer_views(flat, place):
+    """(weight matrix, bias) of the layer at ``place`` (an entry of _LAYER_PLACES), views into ``flat``."""
+    weight_start, bias_start, bias_end, rows = place
+    weight = flat[weight_start:bias_start]
+    return weight.reshape(rows, weight.size // rows), flat[bias_start:bias_end]
 
 
 @kernel
 def parameter_views(flat):
     """The ten parameters in ``flat`` (NUM_PARAMETERS,) as :class:`Parameters`, in torch's order:
     views, conv weights as (C_out, C_in kh kw) matrices."""
-    return Parameters(_layer_views(flat, 0), _layer_views(flat, 1), _layer_views(flat, 2),
-                      _layer_views(flat, 3), _layer_views(flat, 4))
+    conv1, conv2, conv3, fc1, fc2 = _LAYER_PLACES
+    return Parameters(_layer_views(flat, conv1), _layer_views(flat, conv2), _layer_views(flat, conv3),
+                      _layer_views(flat, fc1), _layer_views(flat, fc2))
 
 
 @kernel
@@ -790,10 +812,46 @@ def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
 # The whole network: LeNet5.forward and LeNet5.backward
 # --------------------------------------------------------------------------------------------
 
+# The two parallel kernels take the per-thread network (forward_images, backward_images) as an
+# argument, a function pointer, instead of calling it by name. Called by name, Numba would link the
+# whole network's code into the parallel kernel's module, and into each of the three modules that
+# a parallel loop adds (the loop body, its gufunc wrapper, the thread launcher), optimising and
+# emitting it again in each: 18 of the 37 s that compiling took on an empty cache. Called through
+# a pointer, each of those modules holds a few loops, and the network is compiled once. The call
+# through a pointer costs nothing measurable: once per thread per pass.
+
+class KernelAddress(types.WrapperAddressProtocol):
+    """A compiled kernel, handed to another kernel as a function pointer.
+
+    Numba types it as a first-class function of ``void(typeof(arg) for arg in example_args)``;
+    building it compiles ``dispatcher`` for that signature (or loads it from Numba's cache).
+    """
+
+    def __init__(self, dispatcher, example_args: tuple):
+        self._signature = types.void(*(typeof(arg) for arg in example_args))
+        self.numba_type = types.FunctionType(self._signature)
+        compiled = dispatcher.get_compile_result(self._signature)
+        self._address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_cfunc_wrapper_name)
+
+    def __wrapper_address__(self) -> int:
+        return self._address
+
+    def signature(self):
+        return self._signature
+
+
+@typeof_impl.register(KernelAddress)
+def _typeof_kernel_address(value, context):
+    """Numba's type of a :class:`KernelAddress`, built once: Numba's own typeof builds it anew
+    at each call (7 us, twice per training step, from formatting the Workspace's type name)."""
+    return value.numba_type
+
+
 @kernel
-def _forward_images(flat_params, codes, work, t, lo, hi):
+def forward_images(flat_params, codes, work, t, lo, hi):
     """:func:`lenet_forward` for thread t: images lo:hi of the batch, the thread's own scratch
-    (entry t of each per-thread array of ``work``)."""
+    (entry t of each per-thread array of ``work``). Reads like :meth:`numpylenet.LeNet5.forward`:
+    conv1 and conv2 SUB_BATCH images at a time, then conv3, fc1 and fc2 on all of them."""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
     for start in range(lo, hi, SUB_BATCH):
         images = slice(start, min(start + SUB_BATCH, hi))
@@ -804,19 +862,19 @@ def _forward_images(flat_params, codes, work, t, lo, hi):
     pool2 = work.pool2[mine].reshape(hi - lo, -1)            # conv3's input: its one 5x5 window
     dense_forward(pool2, params.conv3, codes.activation, y=work.conv3[mine])
     dense_forward(work.conv3[mine], params.fc1, codes.activation, y=work.fc1[mine])
-    dense_forward(work.fc1[mine], params.fc2, IDENTITY, y=work.logits[mine])
+    dense_forward(work.fc1[mine], params.fc2, np.int64(IDENTITY), y=work.logits[mine])
 
 
 @kernel(parallel=True)
-def lenet_forward(flat_params, codes, work):
+def lenet_forward(per_thread, flat_params, codes, work):
     """:meth:`numpylenet.LeNet5.forward`: logits ``work.logits`` (N, 10) for the images ``work.x``
     (N, 1, 32, 32), storing in ``work`` every activation the backward pass needs.
 
-    Each thread t takes images lo:hi and runs conv1 and conv2 on them SUB_BATCH images at a time,
-    then conv3, fc1 and fc2 on all of them (:func:`_forward_images`).
+    Each thread t runs the network on images lo:hi (:func:`forward_images`).
 
     Parameters
     ----------
+    per_thread : :func:`forward_images`, passed by address as a :class:`KernelAddress`
     flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
     codes : Codes
     work : Workspace, :func:`make_workspace`'s for N images and T threads
@@ -825,18 +883,20 @@ def lenet_forward(flat_params, codes, work):
     permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
     for thread in prange(threads):
         t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
-        _forward_images(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads)
+        per_thread(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads)
 
 
 @kernel
-def _backward_images(flat_params, codes, work, t, lo, hi, input_grad):
+def backward_images(flat_params, codes, work, t, lo, hi, input_grad):
     """:func:`lenet_backward` for thread t: images lo:hi of the batch, the thread's own scratch,
-    ADDING dL/dW into the thread's own gradient ``work.grads[t]``."""
+    ADDING dL/dW into the thread's own gradient ``work.grads[t]``. Reads like
+    :meth:`numpylenet.LeNet5.backward`: fc2, fc1 and conv3 on all the images, then conv2 and
+    conv1 SUB_BATCH images at a time."""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
     grads = _with_conv2_weight(parameter_views(work.grads[t]), work.grad_conv2_weight[t])
     work.grad_conv2_weight[t] = 0
     activation, mine = codes.activation, slice(lo, hi)
-    dense_backward(work.grad_logits[mine], work.fc1[mine], work.logits[mine], params.fc2, IDENTITY,
+    dense_backward(work.grad_logits[mine], work.fc1[mine], work.logits[mine], params.fc2, np.int64(IDENTITY),
                    grad_layer=grads.fc2, grad_x=work.grad_fc1[mine])
     dense_backward(work.grad_fc1[mine], work.conv3[mine], work.fc1[mine], params.fc1, activation,
                    grad_layer=grads.fc1, grad_x=work.grad_conv3[mine])
@@ -857,17 +917,18 @@ def _backward_images(flat_params, codes, work, t, lo, hi, input_grad):
 
 
 @kernel(parallel=True)
-def lenet_backward(flat_params, flat_grad, codes, work, input_grad):
+def lenet_backward(per_thread, flat_params, flat_grad, codes, work, input_grad):
     """:meth:`numpylenet.LeNet5.backward` from dL/dlogits ``work.grad_logits`` (N, 10), using
     what :func:`lenet_forward` stored in ``work``.
 
     Adds dL/dW to ``flat_grad`` and, if ``input_grad``, writes dL/dx into ``work.grad_x``. Each
     thread runs fc2, fc1 and conv3 backward on its images, then conv2 and conv1 backward SUB_BATCH
-    images at a time (:func:`_backward_images`), adding their dL/dW into its own zeroed
+    images at a time (:func:`backward_images`), adding their dL/dW into its own zeroed
     ``work.grads[t]``; the threads' sum is added into flat_grad at the end.
 
     Parameters
     ----------
+    per_thread : :func:`backward_images`, passed by address as a :class:`KernelAddress`
     flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
     flat_grad : ndarray, shape (NUM_PARAMETERS,), the model's flat gradient; added to.
     codes : Codes
@@ -880,8 +941,8 @@ def lenet_backward(flat_params, flat_grad, codes, work, input_grad):
     for thread in prange(threads):
         t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
         thread_grads[t, :] = 0
-        _backward_images(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads,
-                         input_grad=input_grad)
+        per_thread(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads,
+                   input_grad)
     # flat_grad += (the threads' sum): one addition into flat_grad per step, as the reference.
     block = 4096
     for b in prange((flat_grad.size + block - 1) // block):
@@ -891,6 +952,49 @@ def lenet_backward(flat_params, flat_grad, codes, work, input_grad):
                 thread_grads[0, i] += thread_grads[t, i]
         for i in range(lo, hi):
             flat_grad[i] += thread_grads[0, i]
+
+
+# --------------------------------------------------------------------------------------------
+# The loss (loss.softmax_cross_entropy), into the workspace
+# --------------------------------------------------------------------------------------------
+
+@kernel
+def softmax_cross_entropy(logits, labels, label_smoothing, grad_logits):
+    """:func:`numpylenet.loss.softmax_cross_entropy`, writing dL/dz into ``grad_logits``::
+
+        log p[n, k] = z[n, k] - m_n - log sum_j exp(z[n, j] - m_n)      (m_n = max_j z[n, j])
+        q = (1 - eps) onehot(y) + eps / K
+        L = -(1/N) sum_n [(1 - eps) log p[n, y_n] + (eps / K) sum_k log p[n, k]]
+        dL/dz = (p - q) / N
+
+    Row by row, in the logits' dtype as the NumPy loss computes (the loss summed in float64), so a
+    training step allocates nothing. Returns L (float64); ValueError for a label outside [0, K).
+
+    logits, grad_logits : (N, K), C-contiguous;  labels : (N,) integers;  label_smoothing : eps.
+    """
+    n, classes = logits.shape
+    real = logits.dtype.type
+    keep, spread, scale = real(1 - label_smoothing), real(label_smoothing / classes), real(1 / n)
+    total = 0.0
+    for r in range(n):
+        label = labels[r]
+        if label < 0 or label >= classes:
+            raise ValueError("labels must lie in [0, number of classes)")
+        peak = logits[r, 0]
+        for k in range(1, classes):
+            peak = max(peak, logits[r, k])
+        exp_sum = real(0)
+        for k in range(classes):
+            exp_sum += np.exp(logits[r, k] - peak)
+        log_exp_sum = np.log(exp_sum)
+        log_prob_sum = 0.0
+        for k in range(classes):
+            log_prob = (logits[r, k] - peak) - log_exp_sum
+            log_prob_sum += log_prob
+            grad_logits[r, k] = (np.exp(log_prob) - spread) * scale
+        total += keep * ((logits[r, label] - peak) - log_exp_sum) + spread * log_prob_sum
+        grad_logits[r, label] -= keep * scale
+    return -total / n
 
 
 # --------------------------------------------------------------------------------------------

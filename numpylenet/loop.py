@@ -83,11 +83,12 @@ class NumpyLearner:
         self.backend = self.model.backend
         self.compile_seconds = 0.0
         if self.backend == "numba":
-            # Compile (or load from Numba's disk cache) before the clock of epoch 1 starts.
+            # Compile (or load from Numba's disk cache) what this run uses - its dtype, its
+            # optimiser - before the clock of epoch 1 starts.
             from .engine import NumbaLeNet5
 
             started = time.perf_counter()
-            NumbaLeNet5.compile(self.model.dtype)
+            NumbaLeNet5.compile(self.model.dtype, config.optimizer)
             self.compile_seconds = time.perf_counter() - started
         self.label_smoothing = config.label_smoothing
         if config.optimizer == "adam":
@@ -100,9 +101,7 @@ class NumpyLearner:
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         self.optimizer.lr = lr
         self.model.zero_grad()
-        loss, grad_logits = softmax_cross_entropy(self.model.forward(x), y,
-                                                  label_smoothing=self.label_smoothing)
-        self.model.backward(grad_logits, input_grad=False)   # training never needs dL/dx
+        loss = self.model.forward_backward(x, y, label_smoothing=self.label_smoothing)
         self.optimizer.step()
         return loss
 

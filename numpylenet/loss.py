@@ -41,6 +41,9 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, *,
     Smoothing keeps the logits from growing without bound to drive the loss to 0: the best a
     model can do is p = q, a confident but finite answer.
 
+    Numba counterpart: ``kernels.softmax_cross_entropy``, writing the gradient into the numba
+    backend's work buffers (see :meth:`numpylenet.LeNet5.forward_backward`).
+
     Parameters
     ----------
     logits : ndarray, shape (N, K), float

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from .backend import resolve_backend
+from .loss import softmax_cross_entropy
 from .layers import (AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, Parameter, ReLU,
                      Sigmoid, Tanh, as_float_dtype, check_weights)
 from .names import ACTIVATION_NAMES, POOL_NAMES
@@ -122,9 +123,7 @@ class LeNet5:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits for a batch: x (N, 1, 32, 32) -> (N, 10), in the model's dtype."""
         x = np.asarray(x)
-        if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4 or x.shape[1:] != INPUT_SHAPE:
-            raise ValueError(f"LeNet5 expected a floating-point input of shape (N, 1, 32, 32), "
-                             f"got {x.dtype} array of shape {x.shape}")
+        self._check_input(x)
         self._forward_batch_size = x.shape[0]
         if self.engine is not None:
             return self.engine.forward(x)
@@ -149,6 +148,39 @@ class LeNet5:
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
         return grad if input_grad else None
+
+    def forward_backward(self, x: np.ndarray, labels: np.ndarray, *, label_smoothing: float = 0.0) -> float:
+        """The passes of one training step: the mean loss of x against ``labels``, with dL/dW
+        added into every ``.grad`` (dL/dx is not formed). Returns the loss.
+
+        The same as ``loss, grad = softmax_cross_entropy(self.forward(x), labels,
+        label_smoothing=label_smoothing)`` then ``self.backward(grad, input_grad=False)``, which is
+        what the numpy backend runs; the numba backend runs the three in its kernels and work
+        buffers, allocating no array (:meth:`numpylenet.engine.NumbaLeNet5.forward_backward`).
+
+        x : (N, 1, 32, 32), floating-point;  labels : (N,), integers in [0, 10).
+        """
+        if self.engine is None:
+            loss, grad_logits = softmax_cross_entropy(self.forward(x), labels, label_smoothing=label_smoothing)
+            self.backward(grad_logits, input_grad=False)
+            return loss
+        x, labels = np.asarray(x), np.asarray(labels)
+        self._check_input(x)
+        if x.shape[0] == 0:
+            raise ValueError("LeNet5.forward_backward needs at least one image (a mean over none is undefined)")
+        if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (x.shape[0],):
+            raise ValueError(f"LeNet5.forward_backward expected integer labels of shape ({x.shape[0]},), "
+                             f"got {labels.dtype} array of shape {labels.shape}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        self._forward_batch_size = x.shape[0]
+        return self.engine.forward_backward(x, labels, label_smoothing)
+
+    @staticmethod
+    def _check_input(x: np.ndarray) -> None:
+        if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4 or x.shape[1:] != INPUT_SHAPE:
+            raise ValueError(f"LeNet5 expected a floating-point input of shape (N, 1, 32, 32), "
+                             f"got {x.dtype} array of shape {x.shape}")
 
     def _check_grad_logits(self, grad_logits) -> np.ndarray:
         """``grad_logits`` as an array of the model's dtype, if it fits the last forward pass."""

@@ -29,14 +29,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .names import ACTIVATION_NAMES, BACKEND_NAMES, DTYPE_NAMES, POOL_NAMES
+from .names import ACTIVATION_NAMES, BACKEND_NAMES, DTYPE_NAMES, OPTIMIZER_NAMES, POOL_NAMES
 from .schedule import SCHEDULES
 
 __all__ = ["TrainConfig", "RECIPES", "make_config", "DATASET_CHOICES", "OPTIMIZERS",
            "AUGMENTATIONS", "EVAL_CROPS", "RESUMABLE", "fixed_on_resume"]
 
 DATASET_CHOICES = ("auto", "mnist", "fashion-mnist", "mnist-sample")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = OPTIMIZER_NAMES
 AUGMENTATIONS = ("crop-flip", "shift", "affine")
 EVAL_CROPS = ("center", "random")
 

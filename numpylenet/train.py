@@ -299,8 +299,9 @@ def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoi
         that does not fit the data or the learner, an unavailable backend.
     """
     from .checkpoint import Progress
-    from .cli import build_with_cache_recovery
+    from .cli import build_with_cache_recovery, compile_announcement
     from .data import DownloadError
+    from .loop import NumpyLearner
     from .pipeline import load_splits, num_batches
 
     if config.threads is not None and config.threads > available_cores():
@@ -311,7 +312,10 @@ def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoi
     except (OSError, DownloadError, ValueError) as error:
         raise RunError(load_error_text(error)) from None
     try:
-        learner = build_with_cache_recovery(lambda: make_learner(config), lambda text: print_note(prog, text))
+        announce = (compile_announcement(config.backend, config.dtype, config.optimizer)
+                    if make_learner.framework == NumpyLearner.framework else None)
+        learner = build_with_cache_recovery(lambda: make_learner(config), lambda text: print_note(prog, text),
+                                            announce)
     except ValueError as error:
         raise RunError(error) from None
 

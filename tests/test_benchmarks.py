@@ -37,6 +37,7 @@ FIELDS = {
     "step": ("training_flops_per_image", "peak_flops_for_threads", "peers", "skipped_peers", "rows"),
     "inference": ("forward_flops_per_image", "peak_flops_for_threads", "peers", "skipped_peers", "rows"),
     "memory": ("runs", "steps"),
+    "cold_start": ("command", "runs"),
     "data_epoch": ("dataset", "train_images", "reference", "rows"),
     "time_to_accuracy": ("dataset", "recipes", "thresholds", "clock", "headline", "table", "runs"),
 }

@@ -287,18 +287,21 @@ def test_kernel_table_names_exist(row):
 
 
 def class_docstrings(cls) -> str:
-    """The docstrings of a class and of its bases inside numpylenet."""
+    """The docstrings of a class and of its bases inside numpylenet; of a function, its own."""
+    if not isinstance(cls, type):
+        return cls.__doc__ or ""
     return "\n".join(klass.__doc__ or "" for klass in cls.__mro__ if klass.__module__.startswith("numpylenet"))
 
 
 @pytest.mark.parametrize("row", [row for row in kernel_table() if TICKED.findall(row[2])], ids=lambda row: row[0])
 def test_kernel_table_links_both_ways(row):
-    """Each NumPy class of a row names the row's kernels, and each kernel names the NumPy classes."""
+    """Each NumPy class (or function) of a row names the row's kernels, and each kernel names the
+    NumPy classes (or functions)."""
     kernel_names = TICKED.findall(row[2])
     classes = set()
     for name in TICKED.findall(row[1]):
-        target = numpy_object(name)
-        classes.add(target if isinstance(target, type) else numpy_object(name.rpartition(".")[0]))
+        target, owner = numpy_object(name), numpy_object(name.rpartition(".")[0])
+        classes.add(owner if isinstance(owner, type) else target)      # a method's class, else itself
     for cls in classes:
         missing = [kernel for kernel in kernel_names if kernel not in class_docstrings(cls)]
         assert not missing, f"{cls.__name__}'s docstring does not name its Numba kernels {missing}"

@@ -360,6 +360,71 @@ def test_lenet5_batch_not_multiple_of_sub_batch(): check_lenet5("tanh", "avg", n
 def test_lenet5_large_inputs(): check_lenet5("sigmoid", "avg", np.float32, 4, scale=50.0)
 
 
+def check_loss(dtype, batch_size, label_smoothing, scale=3.0):
+    """kernels.softmax_cross_entropy vs loss.softmax_cross_entropy (itself checked against torch)."""
+    logits = random((batch_size, 10), dtype, seed=batch_size) * scale
+    labels = np.random.default_rng(batch_size).integers(0, 10, batch_size)
+    grad = np.full_like(logits, np.nan)
+    loss = kernels.softmax_cross_entropy(logits, labels, label_smoothing, grad)
+    expected_loss, expected_grad = softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    assert_close(f"loss kernel {np.dtype(dtype)} N={batch_size} eps={label_smoothing}",
+                 {"loss": (np.array(loss), np.array(expected_loss)), "grad_logits": (grad, expected_grad)},
+                 tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+def test_loss_kernel(dtype, label_smoothing): check_loss(dtype, ODD_BATCH, label_smoothing)
+def test_loss_kernel_batch1(): check_loss(np.float32, 1, 0.1)
+def test_loss_kernel_large_logits(): check_loss(np.float64, 8, 0.0, scale=1e4)
+
+
+def test_loss_kernel_refuses_labels_out_of_range():
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match="labels must lie in"):
+            kernels.softmax_cross_entropy(random((2, 10)), np.array([0, bad]), 0.0, np.empty((2, 10)))
+
+
+def check_forward_backward(activation, pool, dtype, batch_size, label_smoothing=0.1):
+    """LeNet5.forward_backward on both backends vs forward, the NumPy loss and backward."""
+    reference, model = twin_models(activation, pool, dtype)
+    x = random((batch_size, 1, 32, 32), dtype, seed=batch_size)
+    labels = np.arange(batch_size) % 10
+    loss_ref, grad_logits = softmax_cross_entropy(reference.forward(x), labels, label_smoothing=label_smoothing)
+    reference.backward(grad_logits, input_grad=False)
+    pairs = {}
+    for backend in BACKEND_NAMES:
+        fused = LeNet5(activation=activation, pool=pool, dtype=dtype, seed=5, backend=backend)
+        loss = fused.forward_backward(x, labels, label_smoothing=label_smoothing)
+        pairs[f"loss {backend}"] = (np.array(loss), np.array(loss_ref))
+        pairs[f"grads {backend}"] = (fused.flat_grad, reference.flat_grad)
+    assert_close(f"forward_backward {activation}/{pool} {np.dtype(dtype)} N={batch_size}", pairs,
+                 tolerance(dtype))
+
+
+@pytest.mark.parametrize("activation, pool", COMBINATIONS)
+def test_forward_backward_float64(activation, pool): check_forward_backward(activation, pool, np.float64, 5)
+@pytest.mark.parametrize("activation, pool", COMBINATIONS)
+def test_forward_backward_float32(activation, pool): check_forward_backward(activation, pool, np.float32, 6)
+def test_forward_backward_batch1(): check_forward_backward("relu", "max", np.float32, 1, 0.0)
+def test_forward_backward_odd_batch(): check_forward_backward("tanh", "avg", np.float64, ODD_BATCH)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_forward_backward_refuses_bad_batches(backend):
+    model = LeNet5(seed=0, backend=backend)
+    x = random((2, 1, 32, 32), np.float32)
+    for images, labels, message in [(x, np.array([0, 10]), "labels must lie in"),
+                                    (x, np.array([0.0, 1.0]), "integer labels"),
+                                    (x, np.array([0, 1, 2]), "labels of shape"),
+                                    (x[:0], np.array([], int), "at least one|N >= 1"),
+                                    (x[:, :, :31], np.array([0, 1]), "input of shape")]:
+        with pytest.raises(ValueError, match=message):
+            model.forward_backward(images, labels)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        model.forward_backward(x, np.array([0, 1]), label_smoothing=1.5)
+
+
 def test_lenet5_batch_size_changes_and_input_dtype_is_cast():
     reference, model = twin_models(dtype=np.float32)
     for batch_size in (3, 1, 7):
@@ -592,6 +657,33 @@ def test_importing_the_kernels_starts_no_threads_and_leaves_the_environment_alon
                "numpylenet.LeNet5(backend='numba')\n"
                "assert parallel._is_initialized, 'building an engine did not start the pool'\n"
                "assert dict(os.environ) == before\n")
+
+
+@pytest.mark.parametrize("optimizer, unused", [("sgd", "adam_step"), ("adam", "sgd_step")])
+def test_compile_prepares_only_the_runs_optimizer(optimizer, unused):
+    """A run compiles its own optimiser's fused step and not the other one (in a fresh process:
+    this one has compiled both); a training step then needs nothing more."""
+    used = {"sgd": "sgd_step", "adam": "adam_step"}[optimizer]
+    run_python("import numpy as np\n"
+               "from numpylenet import SGD, Adam, LeNet5, kernels, softmax_cross_entropy\n"
+               "from numpylenet.engine import NumbaLeNet5\n"
+               f"NumbaLeNet5.compile(np.float32, {optimizer!r})\n"
+               f"assert len(kernels.{used}.signatures) == 1\n"
+               f"assert not kernels.{unused}.signatures, 'compiled the other optimiser too'\n"
+               "passes = (kernels.lenet_forward, kernels.lenet_backward)\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1]\n"
+               "model = LeNet5(seed=0, backend='numba')\n"
+               f"optimizer = {{'sgd': SGD, 'adam': Adam}}[{optimizer!r}](model.parameters(), lr=0.1)\n"
+               "logits = model.forward(np.zeros((5, 1, 32, 32), np.float32))\n"
+               "model.backward(softmax_cross_entropy(logits, np.arange(5))[1], input_grad=False)\n"
+               "optimizer.step()\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1], 'a step compiled more'\n"
+               f"assert len(kernels.{used}.signatures) == 1 and not kernels.{unused}.signatures\n")
+
+
+def test_compile_refuses_an_unknown_optimizer():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        engine.NumbaLeNet5.compile(np.float32, "rmsprop")
 
 
 def test_warmup_compiles_everything_a_training_step_runs():

@@ -15,11 +15,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_runs import arrays
+from cli_runs import arrays, run_evaluate
 from cli_runs import run_train as train
 
 from numpylenet.checkpoint import load_checkpoint
@@ -426,3 +427,40 @@ def test_validation_loss_is_the_label_smoothed_objective(capsys, tmp_path):
     plain = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels[valid])).item()
     assert history[-1]["valid_loss"] == pytest.approx(smoothed, rel=1e-4)
     assert abs(smoothed - plain) > 1e-2     # the two really differ, so the check can tell them apart
+
+
+# ----------------------------------------------------------------------------- compile notice
+
+@pytest.mark.parametrize("tool", ["train", "evaluate"])
+def test_a_compile_is_announced_while_it_runs(capsys, tmp_path, monkeypatch, run, tool):
+    """A kernel compile (here: one made to last 1.5 s longer than the announcement's delay) is
+    announced while it is still running - not after - naming the dtype, with its expected time."""
+    pytest.importorskip("numba")
+    from numpylenet import cli
+    from numpylenet.engine import NumbaLeNet5
+
+    compile_kernels, heard = NumbaLeNet5.compile.__func__, []
+
+    def slow_compile(cls, *args, **kwargs):
+        time.sleep(cli.ANNOUNCE_AFTER_SECONDS + 1.5)
+        heard.append(capsys.readouterr().out)        # what the user saw while compiling
+        compile_kernels(cls, *args, **kwargs)
+
+    monkeypatch.setattr(NumbaLeNet5, "compile", classmethod(slow_compile))
+    if tool == "train":
+        code, out, err = train(capsys, *TINY, "--backend", "numba", "--out", tmp_path / "out")
+    else:
+        code, out, err = run_evaluate(capsys, run / "best.npz", "--backend", "numba",
+                                      "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert len(heard) == 1 and "compiling Numba kernels for float32" in heard[0], heard
+    assert "compiling Numba kernels" not in out          # once, during the compile
+
+
+def test_a_quick_build_is_not_announced_and_numpy_compiles_nothing(capsys):
+    from numpylenet.cli import ANNOUNCE_AFTER_SECONDS, build_with_cache_recovery, compile_announcement
+
+    assert build_with_cache_recovery(lambda: 7, print, announce="compiling!") == 7
+    time.sleep(ANNOUNCE_AFTER_SECONDS + 0.2)
+    assert "compiling!" not in capsys.readouterr().out   # the timer was cancelled
+    assert compile_announcement("numpy", "float32", "sgd") is None
