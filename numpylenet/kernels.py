@@ -461,6 +461,9 @@ def _add_column_sums(matrix, out):
 # conv1: the direct convolution of a one-channel image, fused with activation and pooling
 # --------------------------------------------------------------------------------------------
 
+if KERNEL != 5:
+    raise ImportError("conv1_backward sums a row of 5 kernel taps per pass; LeNet-5's kernels are 5x5")
+
 # With one input channel, im2col would copy every pixel 25 times only to feed products with six
 # rows. These two kernels instead work on the image in place, in flat positions p = oh W + ow of
 # its rows (width W), where the 5x5 kernel's tap (i, j) sits at offset i W + j. Their loops run
@@ -564,13 +567,25 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
             for p in range(span):
                 total += dz[p]
             grad_bias[c] += total
+            # One pass over dz per row of taps, summing its five dot products at once: each dz[p]
+            # loaded once for five multiply-adds (a pass per tap loads two values for each one;
+            # this took conv1's backward from 11.8 to 8.8 us an image). Written out for KERNEL = 5.
             for i in range(KERNEL):
-                for j in range(KERNEL):
-                    tap = np.uint64(i) * width + np.uint64(j)
-                    total = zero
-                    for p in range(span):
-                        total += dz[p] * image[p + tap]
-                    grad_weight[c, i * KERNEL + j] += total
+                row = image[np.uint64(i) * width:]
+                tap0 = tap1 = tap2 = tap3 = tap4 = zero
+                for p in range(span):
+                    grad = dz[p]
+                    tap0 += grad * row[p]
+                    tap1 += grad * row[p + _ONE]
+                    tap2 += grad * row[p + np.uint64(2)]
+                    tap3 += grad * row[p + np.uint64(3)]
+                    tap4 += grad * row[p + np.uint64(4)]
+                first = i * KERNEL
+                grad_weight[c, first] += tap0
+                grad_weight[c, first + 1] += tap1
+                grad_weight[c, first + 2] += tap2
+                grad_weight[c, first + 3] += tap3
+                grad_weight[c, first + 4] += tap4
         if input_grad:
             grad_image = grad_x[n, 0].ravel()
             grad_image[:] = 0
