@@ -461,9 +461,6 @@ def _add_column_sums(matrix, out):
 # conv1: the direct convolution of a one-channel image, fused with activation and pooling
 # --------------------------------------------------------------------------------------------
 
-if KERNEL != 5:
-    raise ImportError("conv1_backward sums a row of 5 kernel taps per pass; LeNet-5's kernels are 5x5")
-
 # With one input channel, im2col would copy every pixel 25 times only to feed products with six
 # rows. These two kernels instead work on the image in place, in flat positions p = oh W + ow of
 # its rows (width W), where the 5x5 kernel's tap (i, j) sits at offset i W + j. Their loops run
@@ -569,7 +566,8 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
             grad_bias[c] += total
             # One pass over dz per row of taps, summing its five dot products at once: each dz[p]
             # loaded once for five multiply-adds (a pass per tap loads two values for each one;
-            # this took conv1's backward from 11.8 to 8.8 us an image). Written out for KERNEL = 5.
+            # this took conv1's backward from 11.8 to 8.8 us an image). Written out for LeNet-5's five
+            # taps a row: tests/test_kernels.py checks it against the NumPy layer.
             for i in range(KERNEL):
                 row = image[np.uint64(i) * width:]
                 tap0 = tap1 = tap2 = tap3 = tap4 = zero
