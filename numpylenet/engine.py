@@ -175,12 +175,11 @@ class NumbaLeNet5:
     def compile(cls, dtype, optimizer: str | None = None) -> None:
         """Run every kernel a run uses once, on a tiny batch and zero weights, so that Numba
         compiles them (or loads them from its on-disk cache) for ``dtype``: both passes, with and
-        without dL/dx, the loss, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both). One
-        compilation serves every activation and pooling (the kernels take them as run-time codes).
+        without dL/dx, the loss, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both).
+        One compilation serves every activation and pooling (the kernels take them as run-time
+        codes), and every batch size, so the first training step compiles nothing more.
 
-        Compiling is what a fresh machine waits for (see
-        :data:`numpylenet.backend.COMPILE_SECONDS`); each kernel
-        compiled here is one specialisation, so nothing is compiled again at the first step."""
+        Compiling is what a fresh machine waits for (:data:`numpylenet.backend.COMPILE_SECONDS`)."""
         dtype = np.dtype(dtype)
         if optimizer not in (None, *OPTIMIZER_NAMES):
             raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES} or None, got {optimizer!r}")
