@@ -141,7 +141,7 @@ class NumbaLeNet5:
         work = self._workspace(x.shape[0])
         np.copyto(work.x, x)        # the backward pass reads this copy: the caller may reuse x
         with _kernel_threads(self.threads):
-            kernels.lenet_forward(self.per_thread[0], self.flat_data, self.codes, work)
+            self._forward_pass(work)
         return work.logits.copy()
 
     def backward(self, grad_logits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
@@ -152,8 +152,7 @@ class NumbaLeNet5:
         work = self.work
         np.copyto(work.grad_logits, grad_logits)
         with _kernel_threads(self.threads):
-            kernels.lenet_backward(self.per_thread[1], self.flat_data, self.flat_grad, self.codes, work,
-                                   bool(input_grad))
+            self._backward_pass(work, bool(input_grad))
         return work.grad_x.copy() if input_grad else None
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0) -> float:
@@ -166,10 +165,16 @@ class NumbaLeNet5:
         work = self._workspace(x.shape[0])
         np.copyto(work.x, x)
         with _kernel_threads(self.threads):
-            kernels.lenet_forward(self.per_thread[0], self.flat_data, self.codes, work)
+            self._forward_pass(work)
             loss = kernels.softmax_cross_entropy(work.logits, labels, float(label_smoothing), work.grad_logits)
-            kernels.lenet_backward(self.per_thread[1], self.flat_data, self.flat_grad, self.codes, work, False)
+            self._backward_pass(work, False)
         return loss
+
+    def _forward_pass(self, work: kernels.Workspace) -> None:
+        kernels.lenet_forward(self.per_thread[0], self.flat_data, self.codes, work)
+
+    def _backward_pass(self, work: kernels.Workspace, input_grad: bool) -> None:
+        kernels.lenet_backward(self.per_thread[1], self.flat_data, self.flat_grad, self.codes, work, input_grad)
 
     @classmethod
     def compile(cls, dtype, optimizer: str | None = None) -> None:

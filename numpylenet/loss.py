@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["softmax_cross_entropy", "log_softmax"]
+__all__ = ["softmax_cross_entropy", "log_softmax", "check_targets"]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -22,6 +22,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def check_targets(labels: np.ndarray, n: int, num_classes: int, label_smoothing: float) -> None:
+    """ValueError unless ``labels`` are n >= 1 integers in [0, num_classes) and ``label_smoothing``
+    lies in [0, 1]: what :func:`softmax_cross_entropy` (and the numba backend's loss) accepts."""
+    if n == 0:
+        raise ValueError("the loss needs at least one image (N >= 1): a mean over none is undefined")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
+        raise ValueError(f"softmax_cross_entropy expected integer labels of shape ({n},), "
+                         f"got {labels.dtype} array of shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values from "
+                         f"{labels.min()} to {labels.max()}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, *,
@@ -60,14 +75,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, *,
         raise ValueError(f"softmax_cross_entropy expected float logits of shape (N, K) with N >= 1, "
                          f"got {logits.dtype} array of shape {logits.shape}")
     n, num_classes = logits.shape
-    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
-        raise ValueError(f"softmax_cross_entropy expected integer labels of shape ({n},), "
-                         f"got {labels.dtype} array of shape {labels.shape}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values from "
-                         f"{labels.min()} to {labels.max()}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    check_targets(labels, n, num_classes, label_smoothing)
     log_probs = log_softmax(logits)
     rows = np.arange(n)
     loss = -(1 - label_smoothing) * log_probs[rows, labels].mean()

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from .backend import resolve_backend
-from .loss import softmax_cross_entropy
+from .loss import check_targets, softmax_cross_entropy
 from .layers import (AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, Parameter, ReLU,
                      Sigmoid, Tanh, as_float_dtype, check_weights)
 from .names import ACTIVATION_NAMES, POOL_NAMES
@@ -166,13 +166,7 @@ class LeNet5:
             return loss
         x, labels = np.asarray(x), np.asarray(labels)
         self._check_input(x)
-        if x.shape[0] == 0:
-            raise ValueError("LeNet5.forward_backward needs at least one image (a mean over none is undefined)")
-        if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (x.shape[0],):
-            raise ValueError(f"LeNet5.forward_backward expected integer labels of shape ({x.shape[0]},), "
-                             f"got {labels.dtype} array of shape {labels.shape}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        check_targets(labels, x.shape[0], NUM_CLASSES, label_smoothing)
         self._forward_batch_size = x.shape[0]
         return self.engine.forward_backward(x, labels, label_smoothing)
 
