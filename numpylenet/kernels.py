@@ -842,10 +842,15 @@ class KernelAddress(types.WrapperAddressProtocol):
     """
 
     def __init__(self, dispatcher, example_args: tuple):
-        self._signature = types.void(*(typeof(arg) for arg in example_args))
+        self._signature = self.signature_of(example_args)
         self.numba_type = types.FunctionType(self._signature)
         compiled = dispatcher.get_compile_result(self._signature)
         self._address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_cfunc_wrapper_name)
+
+    @staticmethod
+    def signature_of(example_args: tuple):
+        """The kernel's Numba signature for arguments like ``example_args``: ``void(...)``."""
+        return types.void(*(typeof(arg) for arg in example_args))
 
     def __wrapper_address__(self) -> int:
         return self._address

@@ -640,9 +640,11 @@ def test_starting_the_thread_pool_leaves_the_environment_alone():
     assert {name: os.environ.get(name) for name in names} == before
 
 
-def run_python(program: str) -> None:
-    """Run ``program`` in a fresh interpreter at the repository's top; fail with its stderr."""
-    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True)
+def run_python(program: str, env: dict[str, str] | None = None) -> None:
+    """Run ``program`` in a fresh interpreter at the repository's top, with ``env`` added to the
+    environment; fail with its stderr."""
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr
 
 
@@ -700,3 +702,38 @@ def test_warmup_compiles_everything_a_training_step_runs():
             model.backward(softmax_cross_entropy(logits, np.arange(5))[1], input_grad=False)
             optimizer.step()
     assert [len(dispatcher.signatures) for dispatcher in dispatchers] == compiled
+
+
+def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path):
+    """On an empty Numba cache the backward pass's per-thread kernel is compiled by the helper
+    process and only loaded here; everything else is compiled here, once; a training step then
+    compiles nothing more and gives the numbers of a model compiled all in one process."""
+    run_python("import numpy as np\n"
+               "from numpylenet import Adam, LeNet5, kernels\n"
+               "from numpylenet.engine import NumbaLeNet5\n"
+               "NumbaLeNet5.compile(np.float32, 'adam')\n"
+               "def counts(dispatcher):\n"
+               "    return sum(dispatcher.stats.cache_hits.values()), sum(dispatcher.stats.cache_misses.values())\n"
+               "assert counts(kernels.backward_images) == (1, 0), counts(kernels.backward_images)\n"
+               "assert counts(kernels.forward_images) == (0, 1) and counts(kernels.lenet_backward) == (0, 1)\n"
+               "model = LeNet5(seed=0, backend='numba')\n"
+               "optimizer = Adam(model.parameters(), lr=0.1)\n"
+               "x = np.random.default_rng(0).random((5, 1, 32, 32), np.float32)\n"
+               "model.forward_backward(x, np.arange(5))\n"
+               "optimizer.step()\n"
+               "assert [len(k.signatures) for k in (kernels.lenet_forward, kernels.lenet_backward)] == [1, 1]\n"
+               f"np.save({str(tmp_path / 'weights.npy')!r}, model.flat_buffers()[0])\n",
+               env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    model = LeNet5(seed=0, backend="numba")     # compiled by this test session, in one process
+    optimizer = Adam(model.parameters(), lr=0.1)
+    model.forward_backward(np.random.default_rng(0).random((5, 1, 32, 32), np.float32), np.arange(5))
+    optimizer.step()
+    np.testing.assert_array_equal(np.load(tmp_path / "weights.npy"), model.flat_buffers()[0])
+
+
+def test_a_warm_compile_starts_no_helper(monkeypatch):
+    def no_process(*args, **kwargs):
+        raise AssertionError("started a helper process with the kernels already in the cache")
+
+    monkeypatch.setattr(engine.subprocess, "Popen", no_process)
+    engine.NumbaLeNet5.compile(np.float32, "sgd")
