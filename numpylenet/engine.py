@@ -210,11 +210,14 @@ class NumbaLeNet5:
         engine = _CompileRun(dtype)
         helper = None
         if helper_process and engine.backward_wants_compiling_into_the_cache():
-            # Its output is dropped: should it fail, this process compiles the kernel itself below
-            # and reports any error there.
-            helper = subprocess.Popen([sys.executable, "-c", "from numpylenet.engine import _CompileRun\n"
-                                       f"_CompileRun({dtype.name!r}).engine.per_thread(backward=True)"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # Its output is dropped: should it fail (or not start), this process compiles the
+            # kernel itself below and reports any error there.
+            try:
+                helper = subprocess.Popen([sys.executable, "-c", "from numpylenet.engine import _CompileRun\n"
+                                           f"_CompileRun({dtype.name!r}).engine.per_thread(backward=True)"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            except OSError:
+                helper = None
         try:
             engine.forward(optimizer)
             engine.parallel_backward()

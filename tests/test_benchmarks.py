@@ -120,6 +120,7 @@ def test_time_to_accuracy_curves_are_consistent(quick_results):
         seconds, images = [p["seconds"] for p in curve], [p["images"] for p in curve]
         assert seconds == sorted(seconds) and images == sorted(images) and len(curve) == 3
         assert curve[-1]["images"] == run["images"] == 320 and seconds[-1] == run["train_seconds"]
+        assert run["threads"]["requested"] == 1 and run["threads"]["numba"] == 1   # what it ran on
         for key, reached in run["time_to"].items():
             first = next((p["seconds"] for p in curve if 100 * p["test_accuracy"] >= float(key) - 1e-9), None)
             assert reached == first

@@ -737,3 +737,16 @@ def test_a_warm_compile_starts_no_helper(monkeypatch):
 
     monkeypatch.setattr(engine.subprocess, "Popen", no_process)
     engine.NumbaLeNet5.compile(np.float32, "sgd")
+
+
+@pytest.mark.parametrize("executable", ["/nonexistent/python", "false"])
+def test_a_helper_that_fails_leaves_the_compile_to_this_process(monkeypatch, executable):
+    """A helper that cannot start, or exits with an error, costs nothing but its time: the
+    kernels still end up compiled (here: loaded from this session's cache) and run."""
+    import shutil
+
+    monkeypatch.setattr(engine._CompileRun, "backward_wants_compiling_into_the_cache", lambda self: True)
+    monkeypatch.setattr(engine.sys, "executable", shutil.which(executable) or executable)
+    engine.NumbaLeNet5.compile(np.float64, "adam")
+    model = LeNet5(seed=0, dtype=np.float64, backend="numba")
+    assert np.isfinite(model.forward_backward(random((3, 1, 32, 32)), np.arange(3)))
