@@ -246,7 +246,7 @@ def test_conv2_odd_sizes_floor_mode(pool): check_conv2("sigmoid", pool, (2, 3, 1
 def test_conv2_batch1_float64(): check_conv2("relu", "max", (1, 6, 14, 14, 16))
 
 
-def check_dense(activation, shape, dtype=np.float64):
+def check_dense(activation, shape, dtype=np.float64, parts=1):
     """dense_forward / dense_backward vs Linear(in, out) then the activation (None: fc2's identity)."""
     n, in_features, out_features = shape
     linear = layers.Linear(in_features, out_features, dtype=dtype, rng=np.random.default_rng(1))
@@ -260,8 +260,11 @@ def check_dense(activation, shape, dtype=np.float64):
     kernels.dense_forward(x, layer, code, y=y)
     grad_layer = (np.ones_like(linear.weight.data), np.ones_like(linear.bias.data))   # added to
     grad_x = np.full(x.shape, np.nan, dtype)
-    kernels.dense_backward(grad_y.copy(), x, y, layer, code, grad_layer=grad_layer, grad_x=grad_x)
-    assert_close(f"dense {activation} {shape}", {
+    grad_z = grad_y.copy()
+    kernels.dense_backward(grad_z, y, layer, code, grad_x=grad_x)
+    for part in range(parts):       # rows split as lenet_backward's threads split them
+        kernels.dense_weight_grad(grad_z, x, grad_layer, part, parts)
+    assert_close(f"dense {activation} {shape} in {parts} parts", {
         "y": (y, y_ref), "grad_x": (grad_x, grad_x_ref),
         "grad_weight": (grad_layer[0] - 1, linear.weight.grad),
         "grad_bias": (grad_layer[1] - 1, linear.bias.grad)}, tolerance(dtype))
@@ -272,6 +275,8 @@ def check_dense(activation, shape, dtype=np.float64):
 def test_dense_conv3_shape(activation, dtype): check_dense(activation, (5, 400, 120), dtype)
 def test_dense_fc2_identity(): check_dense(None, (4, 84, 10))
 def test_dense_batch1_odd_widths(): check_dense("tanh", (1, 7, 3))
+def test_dense_weight_grad_in_parts(): check_dense("relu", (6, 84, 10), parts=3)
+def test_dense_weight_grad_more_parts_than_rows(): check_dense("sigmoid", (2, 5, 3), np.float32, parts=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -322,7 +327,8 @@ def test_workspace_sizes_follow_the_network():
     assert work.conv2.shape == nhwc(conv2).shape and work.pool2.shape == pool2.shape
     assert (work.conv3.shape, work.fc1.shape, work.logits.shape) == (conv3.shape, fc1.shape, logits.shape)
     assert all(array.dtype == np.float32 for array in work)
-    assert work.grads.shape == (2, model.num_parameters())
+    conv_parameters = sum(p.data.size for p in (*model.layers[0].parameters(), *model.layers[3].parameters()))
+    assert work.conv_grads.shape == (2, conv_parameters) and kernels.CONV_PARAMETERS == conv_parameters
 
 
 # --------------------------------------------------------------------------------------------
