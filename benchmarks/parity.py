@@ -13,7 +13,8 @@ seeds: the baseline the seed recipe has to land on.
 Writes ``<out>/parity.json`` (the Markdown table, every run's figures, the machine, the threads,
 the versions, the date) and ``<out>/parity.png`` (both frameworks' loss curves, mean over seeds,
 per recipe); ``--out`` defaults to ``benchmarks/results``. The runs themselves live in
-``<out>/tmp/parity/``; a run whose ``summary.json`` exists is reused, so an interrupted benchmark
+``<out>/tmp/parity/``; a run whose ``summary.json`` exists is reused (when its saved settings are
+still the recipe's), so an interrupted benchmark
 picks up where it stopped (``--fresh`` redoes all). ``--quick`` (the CI smoke test) trains one
 seed for one epoch on 320 images of the bundled mnist-sample: its figures mean nothing.
 
@@ -46,11 +47,22 @@ TIGHT_RECIPES = ("default", "speedrun")
 QUICK_FLAGS = ["--dataset", "mnist-sample", "--limit-train", "320", "--epochs", "1"]
 
 
+def is_current_run(folder: Path, recipe: str) -> bool:
+    """Whether ``folder`` holds a finished run of ``recipe`` as the recipe reads today: a run saved
+    before the recipe changed is trained again, not reported under the new recipe's name."""
+    from numpylenet.recipes import RECIPES
+
+    if not (folder / "summary.json").is_file() or not (folder / "config.json").is_file():
+        return False
+    saved = json.loads((folder / "config.json").read_text())
+    return all(saved.get(name) == value for name, value in RECIPES[recipe].items())
+
+
 def train(trainer: str, recipe: str, seed: int, args: argparse.Namespace, runs: Path) -> dict:
     """One training run in a fresh process (or the saved result of an earlier one)."""
     folder = runs / f"{recipe}-seed{seed}-{trainer}"
     summary_path = folder / "summary.json"
-    if not summary_path.is_file():
+    if not is_current_run(folder, recipe):
         shutil.rmtree(folder, ignore_errors=True)
         data = QUICK_FLAGS if args.quick else ["--dataset", "mnist", "--data-dir", str(common.data_dir(args.data_dir))]
         command = [sys.executable, "-m", TRAINERS[trainer], "--recipe", recipe, "--seed", str(seed),

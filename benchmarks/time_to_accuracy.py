@@ -96,6 +96,7 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
 
     compile_seconds = compile_graphs(config, splits) if contender == "torch.compile" else 0.0
     learner, kernel_seconds = make_learner(contender, config)
+    threads = common.thread_report(config.threads)      # as this learner left them
     test_batches = list(evaluation_batches(splits.test_images, splits.test_labels, config,
                                            splits.dataset, rng=generator(config.seed, Stream.TEST)))
     steps_per_epoch = num_batches(len(splits.train_images), config.batch_size)
@@ -125,7 +126,7 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
                          label_smoothing=config.label_smoothing)
     measure(total_steps)
     return {"contender": contender, "recipe": config.recipe, "seed": config.seed,
-            "backend": learner.backend, "train_seconds": clock.seconds,
+            "backend": learner.backend, "threads": threads, "train_seconds": clock.seconds,
             "compile_seconds": compile_seconds or kernel_seconds, "images": images,
             "final_test_accuracy": curve[-1]["test_accuracy"], "curve": curve,
             "time_to": {f"{100 * threshold:.1f}": time_to(curve, threshold) for threshold in THRESHOLDS}}
@@ -250,6 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
                "thresholds": list(THRESHOLDS), "clock": "evaluation excluded (clock paused)",
                "headline": line, "headline_seconds": best, "table": table, "runs": runs,
                "markdown": markdown(table, line, args.evaluations)}
+    # The torch learners leave Numba on one thread (reference.train runs its data kernel so): set
+    # the run's threads again, so that the header reports what numpylenet and torch computed on
+    # (each run's own threads are in its "threads").
+    common.set_threads(args.threads)
     result = common.publish(args, NAME, content)
     common.save_figure(plot(runs), args.out, NAME)
     return result

@@ -18,12 +18,16 @@ policy chosen there, not with libgomp's default.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
 import numba
 import numpy as np
+from numba import typeof, types
+from numba.core.caching import NullCache
 
 from . import kernels
 from .blas import blas_threads, set_blas_threads
@@ -111,7 +115,7 @@ class NumbaLeNet5:
         self.codes = kernels.Codes(kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool])
         self.work: kernels.Workspace | None = None
         self.threads = 0
-        self.per_thread: tuple[kernels.KernelAddress, kernels.KernelAddress] | None = None
+        self._addresses: dict[bool, kernels.KernelAddress] = {}
 
     @classmethod
     def for_model(cls, model) -> NumbaLeNet5:
@@ -130,11 +134,21 @@ class NumbaLeNet5:
         if self.work is None or (self.work.x.shape[0], self.threads) != (batch_size, threads):
             self.work = kernels.make_workspace(batch_size, threads, self.flat_data.dtype)
             self.threads = threads
-        if self.per_thread is None:        # the per-thread passes, for the parallel kernels to call
-            common = (self.flat_data, self.codes, self.work, 0, 0, 0)
-            self.per_thread = (kernels.KernelAddress(kernels.forward_images, common),
-                               kernels.KernelAddress(kernels.backward_images, (*common, True)))
         return self.work
+
+    def _per_thread_args(self, backward: bool) -> tuple:
+        """Example arguments of the per-thread pass (its types are all that matter)."""
+        common = (self.flat_data, self.codes, self.work, 0, 0, 0)
+        return (*common, True) if backward else common
+
+    def per_thread(self, backward: bool) -> kernels.KernelAddress:
+        """The per-thread pass that the parallel kernel calls: :func:`~numpylenet.kernels.forward_images`
+        or (``backward``) :func:`~numpylenet.kernels.backward_images`, compiled (or loaded from the
+        cache) on first use. Needs a workspace (any batch size: the types are the same)."""
+        if backward not in self._addresses:
+            dispatcher = kernels.backward_images if backward else kernels.forward_images
+            self._addresses[backward] = kernels.KernelAddress(dispatcher, self._per_thread_args(backward))
+        return self._addresses[backward]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits (N, 10) for x (N, 1, 32, 32), a floating-point array of any float dtype."""
@@ -171,34 +185,93 @@ class NumbaLeNet5:
         return loss
 
     def _forward_pass(self, work: kernels.Workspace) -> None:
-        kernels.lenet_forward(self.per_thread[0], self.flat_data, self.codes, work)
+        kernels.lenet_forward(self.per_thread(False), self.flat_data, self.codes, work)
 
     def _backward_pass(self, work: kernels.Workspace, input_grad: bool) -> None:
-        kernels.lenet_backward(self.per_thread[1], self.flat_data, self.flat_grad, self.codes, work, input_grad)
+        kernels.lenet_backward(self.per_thread(True), self.flat_data, self.flat_grad, self.codes, work, input_grad)
 
     @classmethod
-    def compile(cls, dtype, optimizer: str | None = None) -> None:
+    def compile(cls, dtype, optimizer: str | None = None, helper_process: bool = True) -> None:
         """Run every kernel a run uses once, on a tiny batch and zero weights, so that Numba
         compiles them (or loads them from its on-disk cache) for ``dtype``: both passes, with and
         without dL/dx, the loss, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both).
         One compilation serves every activation and pooling (the kernels take them as run-time
         codes), and every batch size, so the first training step compiles nothing more.
 
-        Compiling is what a fresh machine waits for (:data:`numpylenet.backend.COMPILE_SECONDS`)."""
+        Compiling is what a fresh machine waits for (:data:`numpylenet.backend.COMPILE_SECONDS`).
+        Numba compiles on one core, so when the backward pass is not in the cache yet (and
+        ``helper_process``), a helper process compiles it into the cache while this one compiles
+        the rest, and this one then loads it: on two cores ~9 s instead of ~16 s one after the other.
+        Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
+        """
         dtype = np.dtype(dtype)
         if optimizer not in (None, *OPTIMIZER_NAMES):
             raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES} or None, got {optimizer!r}")
-        data, grad = np.zeros(kernels.NUM_PARAMETERS, dtype), np.zeros(kernels.NUM_PARAMETERS, dtype)
-        engine = cls(data, grad)
-        images = np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), dtype)
-        engine.forward(images)
-        engine.backward(np.zeros((2, kernels.NUM_CLASSES), dtype))
-        engine.forward_backward(images, np.zeros(2, np.int64))
-        state = np.zeros((2, kernels.NUM_PARAMETERS), dtype)
+        engine = _CompileRun(dtype)
+        helper = None
+        if helper_process and engine.backward_wants_compiling_into_the_cache():
+            # Its output is dropped: should it fail (or not start), this process compiles the
+            # kernel itself below and reports any error there.
+            try:
+                helper = subprocess.Popen([sys.executable, "-c", "from numpylenet.engine import _CompileRun\n"
+                                           f"_CompileRun({dtype.name!r}).engine.per_thread(backward=True)"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            except OSError:
+                helper = None
+        try:
+            engine.forward(optimizer)
+            engine.parallel_backward()
+        finally:
+            if helper is not None:
+                helper.wait()
+        engine.backward()
+
+
+class _CompileRun:
+    """An engine on zero weights and a batch of two zero images, for :meth:`NumbaLeNet5.compile`,
+    whose two halves (what the forward pass, the loss and the optimisers need; what the backward
+    pass needs) can run in separate processes."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.engine = NumbaLeNet5(np.zeros(kernels.NUM_PARAMETERS, self.dtype),
+                                  np.zeros(kernels.NUM_PARAMETERS, self.dtype))
+        self.images = np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), self.dtype)
+        self.engine._workspace(len(self.images))
+        # backward_images' signature: what lenet_backward receives it as, and its cache key
+        self.backward_signature = kernels.KernelAddress.signature_of(self.engine._per_thread_args(True))
+
+    def backward_wants_compiling_into_the_cache(self) -> bool:
+        """Whether Numba caches kernels on disk here and its cache does not hold the backward
+        pass's per-thread kernel for this dtype and CPU yet (the look-up, by the dispatcher's
+        cache object, that Numba itself starts compiling with)."""
+        cache = kernels.backward_images._cache
+        if isinstance(cache, NullCache):    # caching off: a helper's work would not reach us
+            return False
+        return cache.load_overload(self.backward_signature, kernels.backward_images.targetctx) is None
+
+    def parallel_backward(self) -> None:
+        """Compile the backward pass's parallel kernel (not its per-thread kernel, which it
+        receives by address and so needs only the type of)."""
+        engine = self.engine
+        kernels.lenet_backward.compile((types.FunctionType(self.backward_signature), *(typeof(arg) for arg in (
+            engine.flat_data, engine.flat_grad, engine.codes, engine.work, True))))
+
+    def forward(self, optimizer: str | None) -> None:
+        """The forward pass, the loss kernel and ``optimizer``'s step (None: both optimisers)."""
+        engine, data, grad = self.engine, self.engine.flat_data, self.engine.flat_grad
+        engine.forward(self.images)
+        kernels.softmax_cross_entropy(engine.work.logits, np.zeros(len(self.images), np.int64), 0.0,
+                                      engine.work.grad_logits)
+        state = np.zeros((2, kernels.NUM_PARAMETERS), self.dtype)
         if optimizer in (None, "adam"):
             fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))
         if optimizer in (None, "sgd"):
             fused_sgd_step(data, grad, state[0], (0.1, 0.9, 0.0, 0.0, False), first_step=True)
+
+    def backward(self) -> None:
+        """The backward pass (one kernel, with or without dL/dx; forward_backward runs both passes)."""
+        self.engine.backward(np.zeros((len(self.images), kernels.NUM_CLASSES), self.dtype))
 
 
 def fused_adam_step(data: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
@@ -222,11 +295,12 @@ def fused_sgd_step(data: np.ndarray, grad: np.ndarray, momentum_buffer: np.ndarr
                      bool(first_step))
 
 
-def warmup(dtypes: Iterable = DTYPE_NAMES) -> float:
+def warmup(dtypes: Iterable = DTYPE_NAMES, helper_process: bool = True) -> float:
     """Compile (or load from the on-disk cache) every kernel for each dtype (by default float32
-    and float64); return the seconds it took: about a minute the first time, well under a second
-    once Numba's cache holds them."""
+    and float64; ``helper_process`` as in :meth:`NumbaLeNet5.compile`); return the seconds it
+    took: about ten seconds a dtype the first time, well under a second once Numba's cache holds
+    them."""
     start = time.perf_counter()
     for dtype in dtypes:
-        NumbaLeNet5.compile(dtype)
+        NumbaLeNet5.compile(dtype, helper_process=helper_process)
     return time.perf_counter() - start

@@ -9,9 +9,9 @@ the work happens, never *what* is computed. Each layer of the network has its pa
 |---|---|---|---|---|
 | conv1 | `layers.Conv2d` | `conv1_forward`, `conv1_backward` | out (N, 6, 28, 32) [1] | act, pool1 [2] |
 | conv2 | `layers.Conv2d` | `conv2_forward`, `conv2_backward` | NHWC, cols (i, j, c) [3] | act, pool2 |
-| conv3 | `layers.Conv2d` | `dense_forward`, `dense_backward` | (N, 400) -> (N, 120) [4] | act |
-| fc1 | `layers.Linear` | `dense_forward`, `dense_backward` | (N, 120) -> (N, 84) | act |
-| fc2 | `layers.Linear` | `dense_forward`, `dense_backward` | (N, 84) -> (N, 10) | |
+| conv3 | `layers.Conv2d` | `dense_forward`, `dense_backward`, `dense_weight_grad` | (N, 400) -> (N, 120) [4] | act |
+| fc1 | `layers.Linear` | `dense_forward`, `dense_backward`, `dense_weight_grad` | (N, 120) -> (N, 84) | act |
+| fc2 | `layers.Linear` | `dense_forward`, `dense_backward`, `dense_weight_grad` | (N, 84) -> (N, 10) | |
 | act | `layers.ReLU`, `layers.Tanh`, `layers.Sigmoid` | `bias_activation`, `activation_backward` | in place | |
 | pool | `layers.AvgPool2d`, `layers.MaxPool2d` | `pool_forward`, `pool_activation_backward` | NHWC | |
 | flatten | `layers.Flatten` | none [5] | | |
@@ -39,8 +39,10 @@ How the work is placed:
 * **One pass per thread.** The batch is split into one contiguous slice of images per thread
   (``prange``); each thread carries its images through every layer, so there is one parallel
   region per pass instead of one per layer, and no two threads ever write the same memory.
-* **Per-thread gradients.** Each thread adds dL/dW for its images into its own zeroed copy of
-  the flat gradient; their sum is added into ``flat_grad`` once per step.
+* **Gradients without races.** conv1's and conv2's dL/dW are sums over images taken SUB_BATCH
+  at a time: each thread adds its images' into its own zeroed copy of those 2,572 entries, and
+  their sum is added into ``flat_grad`` once per step. A dense layer's dL/dW is one product over
+  the whole batch, formed after every image's dL/dz, with the threads splitting its rows.
 * **BLAS from inside Numba.** The matrix products call NumPy's own OpenBLAS ``?gemm`` directly
   (single-threaded: the parallelism is the ``prange`` above), on sub-batches of ``SUB_BATCH``
   images whose im2col matrices stay in the core's L2 cache.
@@ -78,11 +80,11 @@ from .blas import LIBRARY, gemm_address
 
 __all__ = [
     "kernel", "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
-    "Codes", "PARAMETER_SHAPES", "NUM_PARAMETERS", "KERNEL", "POOL", "SUB_BATCH", "gemm",
+    "Codes", "PARAMETER_SHAPES", "NUM_PARAMETERS", "CONV_PARAMETERS", "KERNEL", "POOL", "SUB_BATCH", "gemm",
     "channels_last", "im2col_channels_last", "col2im_channels_last", "permute_conv_weight",
     "add_unpermuted_conv_weight", "bias_activation", "activate_in_place", "activation_backward",
     "pool_forward", "pool_activation_backward", "conv1_forward", "conv1_backward", "conv2_forward",
-    "conv2_backward", "dense_forward", "dense_backward", "Parameters", "parameter_views",
+    "conv2_backward", "dense_forward", "dense_backward", "dense_weight_grad", "Parameters", "parameter_views",
     "Workspace", "make_workspace", "KernelAddress", "forward_images", "backward_images",
     "lenet_forward", "lenet_backward", "softmax_cross_entropy", "adam_step", "sgd_step",
 ]
@@ -128,6 +130,9 @@ _SHAPE = dict(PARAMETER_SHAPES)
 _SIZES = tuple(int(np.prod(shape)) for _, shape in PARAMETER_SHAPES)
 _OFFSETS = tuple(int(o) for o in np.concatenate([[0], np.cumsum(_SIZES)]))
 NUM_PARAMETERS = _OFFSETS[-1]                       # 61,706
+# conv1's and conv2's parameters, first in the flat buffer: the part of dL/dW that each thread
+# forms for its own images (a dense layer's is one product over the whole batch, see lenet_backward).
+CONV_PARAMETERS = _OFFSETS[4]                       # 2,572
 # Each weight as the kernels use it: conv weights (C_out, C_in kh kw), in torch's (c, i, j) order.
 _WEIGHT_MATRICES = tuple((shape[0], int(np.prod(shape[1:]))) for name, shape in PARAMETER_SHAPES
                          if name.endswith(".weight"))
@@ -177,9 +182,11 @@ _dgemm = types.ExternalFunction("numpylenet_dgemm", _gemm_signature(types.float6
 
 @kernel
 def gemm(a, b, c, transpose_a=False, transpose_b=False, beta=0.0):
-    """C = op(A) @ op(B) + beta C for C-contiguous 2-D arrays, op(X) = X^T if asked.
+    """C = op(A) @ op(B) + beta C for 2-D arrays whose rows are contiguous (C-contiguous arrays,
+    or column slices of them), op(X) = X^T if asked.
 
-    Shapes: op(A) (M, K), op(B) (K, N), C (M, N). Calls single-threaded BLAS ``?gemm``.
+    Shapes: op(A) (M, K), op(B) (K, N), C (M, N). Calls single-threaded BLAS ``?gemm``, with each
+    array's row stride as its leading dimension.
     """
     m, n = c.shape
     k = a.shape[0] if transpose_a else a.shape[1]
@@ -187,12 +194,13 @@ def gemm(a, b, c, transpose_a=False, transpose_b=False, beta=0.0):
         return
     trans_a = _CBLAS_TRANS if transpose_a else _CBLAS_NO_TRANS
     trans_b = _CBLAS_TRANS if transpose_b else _CBLAS_NO_TRANS
+    lda, ldb, ldc = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize, c.strides[0] // c.itemsize
     if c.itemsize == 4:
         _sgemm(_CBLAS_ROW_MAJOR, trans_a, trans_b, m, n, k, np.float32(1.0), a.ctypes.data,
-               a.shape[1], b.ctypes.data, b.shape[1], np.float32(beta), c.ctypes.data, n)
+               lda, b.ctypes.data, ldb, np.float32(beta), c.ctypes.data, ldc)
     else:
         _dgemm(_CBLAS_ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a.ctypes.data,
-               a.shape[1], b.ctypes.data, b.shape[1], beta, c.ctypes.data, n)
+               lda, b.ctypes.data, ldb, beta, c.ctypes.data, ldc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,30 +706,48 @@ def dense_forward(x, layer, activation, y):
 
 
 @kernel
-def dense_backward(grad_y, x, y, layer, activation, grad_layer, grad_x):
-    """A dense layer's backward pass: the activation's, then :meth:`numpylenet.layers.Linear.backward`
-    (for conv3, :meth:`~numpylenet.layers.Conv2d.backward` on its single window)::
+def dense_backward(grad_y, y, layer, activation, grad_x):
+    """A dense layer's backward pass, per image: the activation's, then the input-gradient half of
+    :meth:`numpylenet.layers.Linear.backward` (for conv3, :meth:`~numpylenet.layers.Conv2d.backward`
+    on its single window); :func:`dense_weight_grad` is the other half::
 
         dZ = dY * f'(z), in place in grad_y (f' from y = f(z); skipped for IDENTITY)
-        dW += dZ^T @ x;   db += sum_n dZ;   dx = dZ @ W
+        dx = dZ @ W
 
     Parameters
     ----------
     grad_y : ndarray, shape (N, out): dL/dy on entry, dL/dz on return
-    x : ndarray, shape (N, in), the input dense_forward saw
     y : ndarray, shape (N, out), as dense_forward wrote it
     layer : (weight, bias), shapes (out, in) and (out,)
     activation : int, as in dense_forward
-    grad_layer : (grad_weight, grad_bias), shapes (out, in) and (out,); added to.
     grad_x : ndarray, shape (N, in); overwritten with dL/dx.
     """
-    weight = layer[0]
-    grad_weight, grad_bias = grad_layer
     if activation != IDENTITY:
         activation_backward(grad_y, y, activation)
-    gemm(grad_y, x, grad_weight, True, False, 1.0)         # dW += dZ^T @ x
-    _add_column_sums(grad_y, grad_bias)                    # db += sum_n dZ
-    gemm(grad_y, weight, grad_x, False, False)             # dx = dZ @ W
+    gemm(grad_y, layer[0], grad_x, False, False)           # dx = dZ @ W
+
+
+@kernel
+def dense_weight_grad(grad_z, x, grad_layer, part, parts):
+    """The weight-gradient half of :meth:`numpylenet.layers.Linear.backward` (for conv3, of
+    :meth:`~numpylenet.layers.Conv2d.backward` on its single window), over the whole batch, for the rows ``part * out // parts`` up to ``(part + 1) * out // parts`` of the layer's weight::
+
+        dW[rows] += dZ[:, rows]^T @ x;   db[rows] += sum_n dZ[n, rows]
+
+    so that ``parts`` threads, each given its own ``part``, write disjoint rows.
+
+    Parameters
+    ----------
+    grad_z : ndarray, shape (N, out): dL/dz, as :func:`dense_backward` left it
+    x : ndarray, shape (N, in), the input dense_forward saw
+    grad_layer : (grad_weight, grad_bias), shapes (out, in) and (out,); added to.
+    part, parts : int, 0 <= part < parts
+    """
+    grad_weight, grad_bias = grad_layer
+    out = grad_weight.shape[0]
+    rows = slice(part * out // parts, (part + 1) * out // parts)
+    gemm(grad_z[:, rows], x, grad_weight[rows], True, False, 1.0)
+    _add_column_sums(grad_z[:, rows], grad_bias[rows])
 
 
 # --------------------------------------------------------------------------------------------
@@ -800,7 +826,8 @@ class Workspace(NamedTuple):
     grad_pool1: np.ndarray         # (T, SUB_BATCH, 14, 14, 6)
     grad_conv2: np.ndarray         # (T, SUB_BATCH, 10, 10, 16)  conv2's dL/dz
     grad_conv2_weight: np.ndarray  # (T, 16, 150)     conv2's dL/dW in (i, j, c) order
-    grads: np.ndarray              # (T, NUM_PARAMETERS)  dL/dW, summed into flat_grad at the end
+    conv_grads: np.ndarray         # (T, CONV_PARAMETERS)  conv1's and conv2's dL/dW (flat_grad's
+                                   #   first entries), summed into flat_grad at the end
 
 
 def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
@@ -817,7 +844,7 @@ def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
         conv2_weight=(c2, k2),
         cols2=(t, sub * CONV2_SIZE * CONV2_SIZE * k2), grad_conv1=(t, c1, CONV1_SIZE, INPUT_SIZE),
         grad_pool1=(t, sub, POOL1_SIZE, POOL1_SIZE, c1), grad_conv2=(t, sub, CONV2_SIZE, CONV2_SIZE, c2),
-        grad_conv2_weight=(t, c2, k2), grads=(t, NUM_PARAMETERS))
+        grad_conv2_weight=(t, c2, k2), conv_grads=(t, CONV_PARAMETERS))
     return Workspace(*(np.empty(shape, dtype) for shape in shapes))
 
 
@@ -842,10 +869,15 @@ class KernelAddress(types.WrapperAddressProtocol):
     """
 
     def __init__(self, dispatcher, example_args: tuple):
-        self._signature = types.void(*(typeof(arg) for arg in example_args))
+        self._signature = self.signature_of(example_args)
         self.numba_type = types.FunctionType(self._signature)
         compiled = dispatcher.get_compile_result(self._signature)
         self._address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_cfunc_wrapper_name)
+
+    @staticmethod
+    def signature_of(example_args: tuple):
+        """The kernel's Numba signature for arguments like ``example_args``: ``void(...)``."""
+        return types.void(*(typeof(arg) for arg in example_args))
 
     def __wrapper_address__(self) -> int:
         return self._address
@@ -902,32 +934,44 @@ def lenet_forward(per_thread, flat_params, codes, work):
 
 @kernel
 def backward_images(flat_params, codes, work, t, lo, hi, input_grad):
-    """:func:`lenet_backward` for thread t: images lo:hi of the batch, the thread's own scratch,
-    ADDING dL/dW into the thread's own gradient ``work.grads[t]``. Reads like
-    :meth:`numpylenet.LeNet5.backward`: fc2, fc1 and conv3 on all the images, then conv2 and
-    conv1 SUB_BATCH images at a time."""
+    """:func:`lenet_backward` for thread t: images lo:hi of the batch, the thread's own scratch.
+    Reads like :meth:`numpylenet.LeNet5.backward`: fc2, fc1 and conv3 on all the images (dL/dz
+    and dL/dx: their dL/dW comes after, over the whole batch), then conv2 and conv1 SUB_BATCH
+    images at a time, ADDING their dL/dW into the thread's own ``work.conv_grads[t]``."""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
-    grads = _with_conv2_weight(parameter_views(work.grads[t]), work.grad_conv2_weight[t])
+    conv1_grads = _layer_views(work.conv_grads[t], _LAYER_PLACES[0])
+    conv2_grads = (work.grad_conv2_weight[t], _layer_views(work.conv_grads[t], _LAYER_PLACES[1])[1])
     work.grad_conv2_weight[t] = 0
     activation, mine = codes.activation, slice(lo, hi)
-    dense_backward(work.grad_logits[mine], work.fc1[mine], work.logits[mine], params.fc2, np.int64(IDENTITY),
-                   grad_layer=grads.fc2, grad_x=work.grad_fc1[mine])
-    dense_backward(work.grad_fc1[mine], work.conv3[mine], work.fc1[mine], params.fc1, activation,
-                   grad_layer=grads.fc1, grad_x=work.grad_conv3[mine])
-    pool2, grad_pool2 = work.pool2[mine].reshape(hi - lo, -1), work.grad_pool2[mine].reshape(hi - lo, -1)
-    dense_backward(work.grad_conv3[mine], pool2, work.conv3[mine], params.conv3, activation,
-                   grad_layer=grads.conv3, grad_x=grad_pool2)                # conv3 on its one window
+    dense_backward(work.grad_logits[mine], work.logits[mine], params.fc2, np.int64(IDENTITY),
+                   grad_x=work.grad_fc1[mine])
+    dense_backward(work.grad_fc1[mine], work.fc1[mine], params.fc1, activation, grad_x=work.grad_conv3[mine])
+    grad_pool2 = work.grad_pool2[mine].reshape(hi - lo, -1)
+    dense_backward(work.grad_conv3[mine], work.conv3[mine], params.conv3, activation,
+                   grad_x=grad_pool2)                                    # conv3 on its one window
     for start in range(lo, hi, SUB_BATCH):
         images, count = slice(start, min(start + SUB_BATCH, hi)), min(SUB_BATCH, hi - start)
         grad_pool1 = work.grad_pool1[t, :count]
         conv2_backward(work.grad_pool2[images], work.pool1[images], work.conv2[images], params.conv2,
-                       codes, grad_conv2=grads.conv2, cols=work.cols2[t], grad_z=work.grad_conv2[t, :count],
+                       codes, grad_conv2=conv2_grads, cols=work.cols2[t], grad_z=work.grad_conv2[t, :count],
                        grad_x=grad_pool1)
         conv1_backward(grad_pool1, work.x[images], work.conv1[images], params.conv1, codes,
-                       grad_conv1=grads.conv1, grad_z=work.grad_conv1[t], grad_x=work.grad_x[images],
+                       grad_conv1=conv1_grads, grad_z=work.grad_conv1[t], grad_x=work.grad_x[images],
                        input_grad=input_grad)
-    conv2_grad_weight = parameter_views(work.grads[t]).conv2[0]          # torch's (c, i, j) order
+    conv2_grad_weight = _layer_views(work.conv_grads[t], _LAYER_PLACES[1])[0]   # torch's (c, i, j) order
     add_unpermuted_conv_weight(work.grad_conv2_weight[t], KERNEL_AREA, conv2_grad_weight)
+
+
+@kernel
+def dense_weight_grads(work, flat_grad, part, parts):
+    """Every dense layer's dL/dW over the whole batch, rows ``part`` of ``parts`` of each, added
+    into ``flat_grad`` (:func:`dense_weight_grad` for fc2, fc1 and conv3), from the dL/dz and the
+    inputs that the passes left in ``work``."""
+    grads = parameter_views(flat_grad)
+    pool2 = work.pool2.reshape(work.pool2.shape[0], -1)     # conv3's input
+    dense_weight_grad(work.grad_logits, work.fc1, grads.fc2, part, parts)
+    dense_weight_grad(work.grad_fc1, work.conv3, grads.fc1, part, parts)
+    dense_weight_grad(work.grad_conv3, pool2, grads.conv3, part, parts)
 
 
 @kernel(parallel=True)
@@ -935,10 +979,15 @@ def lenet_backward(per_thread, flat_params, flat_grad, codes, work, input_grad):
     """:meth:`numpylenet.LeNet5.backward` from dL/dlogits ``work.grad_logits`` (N, 10), using
     what :func:`lenet_forward` stored in ``work``.
 
-    Adds dL/dW to ``flat_grad`` and, if ``input_grad``, writes dL/dx into ``work.grad_x``. Each
-    thread runs fc2, fc1 and conv3 backward on its images, then conv2 and conv1 backward SUB_BATCH
-    images at a time (:func:`backward_images`), adding their dL/dW into its own zeroed
-    ``work.grads[t]``; the threads' sum is added into flat_grad at the end.
+    Adds dL/dW to ``flat_grad`` and, if ``input_grad``, writes dL/dx into ``work.grad_x``. Two
+    parallel loops:
+
+    1. each thread runs the network backward on images lo:hi (:func:`backward_images`), adding
+       conv1's and conv2's dL/dW into its own zeroed ``work.conv_grads[t]``;
+    2. with every image's dL/dz ready, each thread forms its share of the rows of each dense
+       layer's dL/dW over the whole batch, straight into flat_grad
+       (:func:`dense_weight_grad`: one product over all N images, and no per-thread copy of
+       those 59,000 entries to zero and sum), and adds its share of the threads' conv gradients.
 
     Parameters
     ----------
@@ -951,21 +1000,22 @@ def lenet_backward(per_thread, flat_params, flat_grad, codes, work, input_grad):
     """
     n_images, threads = work.x.shape[0], work.cols2.shape[0]
     permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
-    thread_grads = work.grads
+    conv_grads = work.conv_grads
     for thread in prange(threads):
         t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
-        thread_grads[t, :] = 0
+        conv_grads[t, :] = 0
         per_thread(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads,
                    input_grad)
-    # flat_grad += (the threads' sum): one addition into flat_grad per step, as the reference.
-    block = 4096
-    for b in prange((flat_grad.size + block - 1) // block):
-        lo, hi = b * block, min((b + 1) * block, flat_grad.size)
-        for t in range(1, threads):
-            for i in range(lo, hi):
-                thread_grads[0, i] += thread_grads[t, i]
-        for i in range(lo, hi):
-            flat_grad[i] += thread_grads[0, i]
+    entries = conv_grads.shape[1]
+    for thread in prange(threads):
+        t = np.int64(thread)
+        dense_weight_grads(work, flat_grad, t, threads)
+        # flat_grad += (the threads' sum), for conv1 and conv2: one addition per step, as the reference.
+        for i in range(t * entries // threads, (t + 1) * entries // threads):
+            total = conv_grads[0, i]
+            for other in range(1, threads):
+                total += conv_grads[other, i]
+            flat_grad[i] += total
 
 
 # --------------------------------------------------------------------------------------------

@@ -270,8 +270,8 @@ class Conv2d(Layer):
     Numba counterparts, one per convolution of LeNet-5: ``kernels.conv1_forward`` /
     ``conv1_backward`` (conv1: one input channel, summed in place without im2col),
     ``kernels.conv2_forward`` / ``conv2_backward`` (conv2: im2col channels-last and one GEMM),
-    ``kernels.dense_forward`` / ``dense_backward`` (conv3: one window, a dense layer); each fused
-    with the activation (and pooling) after it.
+    ``kernels.dense_forward`` / ``dense_backward`` + ``dense_weight_grad`` (conv3: one window, a
+    dense layer); each fused with the activation (and pooling) after it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Pair,
@@ -530,8 +530,9 @@ class Linear(Layer):
         db = sum_n dY        (out,)
         dx = dY @ W          (N, in)
 
-    Numba counterparts: ``kernels.dense_forward`` / ``dense_backward`` (fc1 and fc2, and conv3),
-    fused with the activation after the layer.
+    Numba counterparts: ``kernels.dense_forward`` / ``dense_backward`` (dx, per image) and
+    ``dense_weight_grad`` (dW and db, over the whole batch) (fc1 and fc2, and conv3), fused with
+    the activation after the layer.
     """
 
     def __init__(self, in_features: int, out_features: int, *, dtype=np.float32,

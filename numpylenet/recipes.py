@@ -13,8 +13,9 @@
     loss is label-smoothed (0.1), and SGD with Nesterov momentum 0.9 and weight decay 5e-4 runs a
     one-cycle schedule peaking at 0.1 over 20 epochs of batch 64 (1.08 million images).
 ``speedrun``
-    The fastest way to 99% on MNIST: two epochs (108,000 images) of batch 32 without augmentation,
-    normalised inputs, label smoothing 0.1, Adam under a one-cycle schedule peaking at 3e-3.
+    The fastest way to 99% on MNIST: two epochs (108,000 images) of batch 128 without
+    augmentation, normalised inputs, label smoothing 0.1, Adam under a one-cycle schedule peaking
+    at 1.2e-2.
 
 None of them knows it is MNIST beyond the normalisation statistics of its training set, so each
 runs unchanged on Fashion-MNIST. How the values were chosen (full MNIST, numba backend, validation
@@ -148,7 +149,7 @@ RECIPES: dict[str, dict] = {
                     affine_translate=0.08, affine_scale=0.08, affine_shear=8.0),
     "speedrun": dict(valid_size=0.1, augment=False, augmentation="shift", eval_crop="center",
                      normalize=True, activation="relu", pool="avg", dtype="float32", epochs=2,
-                     batch_size=32, optimizer="adam", lr=3e-3, schedule="one-cycle", momentum=0.9,
+                     batch_size=128, optimizer="adam", lr=1.2e-2, schedule="one-cycle", momentum=0.9,
                      nesterov=False, weight_decay=0.0, label_smoothing=0.1, affine_degrees=0.0,
                      affine_translate=0.0, affine_scale=0.0, affine_shear=0.0),
 }

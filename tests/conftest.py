@@ -21,7 +21,8 @@ def pytest_configure(config: pytest.Config) -> None:
     Left to the tests, every process that needs them compiles them: one pytest process compiles
     float32 then float64 (~35 s each on one core), and each pytest-xdist worker compiles both,
     at the same time as the others. Here the controlling process (not an xdist worker) compiles
-    each dtype in its own child process, in parallel, and every test process then loads them from
+    each dtype in its own child process, in parallel (each on its own core, so without
+    NumbaLeNet5.compile's helper process), and every test process then loads them from
     the cache in a fraction of a second. With the cache already warm this costs about a second.
     A failure is left for the tests to report.
     """
@@ -33,7 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
                                   "from numpylenet.backend import numba_unavailable_reason\n"
                                   "if numba_unavailable_reason() is None:\n"
                                   "    from numpylenet.engine import warmup\n"
-                                  "    warmup([sys.argv[1]])\n", dtype],
+                                  "    warmup([sys.argv[1]], helper_process=False)\n", dtype],
                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for dtype in DTYPE_NAMES]
     ok = all(child.wait() == 0 for child in compiles)

@@ -12,6 +12,7 @@ and steps that allocate known amounts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -119,6 +120,7 @@ def test_time_to_accuracy_curves_are_consistent(quick_results):
         seconds, images = [p["seconds"] for p in curve], [p["images"] for p in curve]
         assert seconds == sorted(seconds) and images == sorted(images) and len(curve) == 3
         assert curve[-1]["images"] == run["images"] == 320 and seconds[-1] == run["train_seconds"]
+        assert run["threads"]["requested"] == 1 and run["threads"]["numba"] == 1   # what it ran on
         for key, reached in run["time_to"].items():
             first = next((p["seconds"] for p in curve if 100 * p["test_accuracy"] >= float(key) - 1e-9), None)
             assert reached == first
@@ -365,3 +367,19 @@ def test_step_growth_tells_a_leak_from_a_steady_step(allocating_module):
     assert leak["peak_within_step_bytes"] >= 8000
     assert steady["net_growth_bytes"] < 8000 and steady["second_half_growth_bytes"] < 8000
     assert steady["peak_within_step_bytes"] < 8000
+
+
+def test_parity_reuses_a_saved_run_only_while_its_recipe_is_unchanged(tmp_path):
+    from benchmarks.parity import is_current_run
+    from numpylenet.recipes import make_config
+
+    folder = tmp_path / "speedrun-seed0-numpylenet"
+    folder.mkdir()
+    config = dataclasses.asdict(make_config("speedrun", seed=0))
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not is_current_run(folder, "speedrun")              # not finished: no summary.json
+    (folder / "summary.json").write_text("{}")
+    assert is_current_run(folder, "speedrun")
+    assert not is_current_run(folder, "default")
+    (folder / "config.json").write_text(json.dumps({**config, "lr": config["lr"] / 4}))  # an older recipe
+    assert not is_current_run(folder, "speedrun")

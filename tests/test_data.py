@@ -693,6 +693,43 @@ def test_normalize_matches(digits):
                                   F.normalize(torch.from_numpy(x3), [0.1, 0.2, 0.3], [0.5, 0.6, 0.7]).numpy())
 
 
+def test_pixel_table_matches_to_tensor_and_normalize():
+    import torch
+    F = torchvision_functional()
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    for dtype, torch_dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
+        scaled = torch.from_numpy(every_value).to(torch_dtype).div(255)[None]  # ToTensor, (1, 1, 16, 16)
+        np.testing.assert_array_equal(np.take(data.pixel_table(dtype), every_value)[None], scaled.numpy())
+        for mean, std in (data.MNIST_MEAN_STD, data.FASHION_MNIST_MEAN_STD):
+            lookup = np.take(data.pixel_table(dtype, (mean, std)), every_value)[None]
+            np.testing.assert_array_equal(lookup, F.normalize(scaled, [mean], [std]).numpy())  # bit for bit
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_evaluation_transform_matches_torchvision(digits, dtype, normalize):
+    """pipeline.transform's centred images = CenterCrop(32) (which pads), ToTensor, Normalize."""
+    import torch
+    from PIL import Image
+    F = torchvision_functional()
+    from numpylenet.pipeline import transform
+    from numpylenet.recipes import make_config
+
+    config = make_config("speedrun", dtype=dtype, normalize=normalize)
+    mean, std = data.MNIST_MEAN_STD
+
+    def torchvision(image):
+        # ToTensor's img.to(dtype).div(255), in the run's dtype
+        x = F.pil_to_tensor(F.center_crop(Image.fromarray(image, mode="L"), 32)).to(getattr(torch, dtype)).div(255)
+        return (F.normalize(x, [mean], [std]) if normalize else x).numpy()
+
+    expected = np.stack([torchvision(image) for image in digits])
+    for train in (True, False):  # speedrun trains on the centred images too (no augmentation)
+        ours = transform(digits, config, "mnist", train=train, rng=None)
+        assert ours.shape == (len(digits), 1, 32, 32) and ours.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(ours, expected)
+
+
 def test_notebook_train_transform(digits):
     """T.Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor()]) for fixed choices."""
     F = torchvision_functional()

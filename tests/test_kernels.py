@@ -246,7 +246,7 @@ def test_conv2_odd_sizes_floor_mode(pool): check_conv2("sigmoid", pool, (2, 3, 1
 def test_conv2_batch1_float64(): check_conv2("relu", "max", (1, 6, 14, 14, 16))
 
 
-def check_dense(activation, shape, dtype=np.float64):
+def check_dense(activation, shape, dtype=np.float64, parts=1):
     """dense_forward / dense_backward vs Linear(in, out) then the activation (None: fc2's identity)."""
     n, in_features, out_features = shape
     linear = layers.Linear(in_features, out_features, dtype=dtype, rng=np.random.default_rng(1))
@@ -260,8 +260,11 @@ def check_dense(activation, shape, dtype=np.float64):
     kernels.dense_forward(x, layer, code, y=y)
     grad_layer = (np.ones_like(linear.weight.data), np.ones_like(linear.bias.data))   # added to
     grad_x = np.full(x.shape, np.nan, dtype)
-    kernels.dense_backward(grad_y.copy(), x, y, layer, code, grad_layer=grad_layer, grad_x=grad_x)
-    assert_close(f"dense {activation} {shape}", {
+    grad_z = grad_y.copy()
+    kernels.dense_backward(grad_z, y, layer, code, grad_x=grad_x)
+    for part in range(parts):       # rows split as lenet_backward's threads split them
+        kernels.dense_weight_grad(grad_z, x, grad_layer, part, parts)
+    assert_close(f"dense {activation} {shape} in {parts} parts", {
         "y": (y, y_ref), "grad_x": (grad_x, grad_x_ref),
         "grad_weight": (grad_layer[0] - 1, linear.weight.grad),
         "grad_bias": (grad_layer[1] - 1, linear.bias.grad)}, tolerance(dtype))
@@ -272,6 +275,8 @@ def check_dense(activation, shape, dtype=np.float64):
 def test_dense_conv3_shape(activation, dtype): check_dense(activation, (5, 400, 120), dtype)
 def test_dense_fc2_identity(): check_dense(None, (4, 84, 10))
 def test_dense_batch1_odd_widths(): check_dense("tanh", (1, 7, 3))
+def test_dense_weight_grad_in_parts(): check_dense("relu", (6, 84, 10), parts=3)
+def test_dense_weight_grad_more_parts_than_rows(): check_dense("sigmoid", (2, 5, 3), np.float32, parts=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -322,7 +327,8 @@ def test_workspace_sizes_follow_the_network():
     assert work.conv2.shape == nhwc(conv2).shape and work.pool2.shape == pool2.shape
     assert (work.conv3.shape, work.fc1.shape, work.logits.shape) == (conv3.shape, fc1.shape, logits.shape)
     assert all(array.dtype == np.float32 for array in work)
-    assert work.grads.shape == (2, model.num_parameters())
+    conv_parameters = sum(p.data.size for p in (*model.layers[0].parameters(), *model.layers[3].parameters()))
+    assert work.conv_grads.shape == (2, conv_parameters) and kernels.CONV_PARAMETERS == conv_parameters
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,9 +646,11 @@ def test_starting_the_thread_pool_leaves_the_environment_alone():
     assert {name: os.environ.get(name) for name in names} == before
 
 
-def run_python(program: str) -> None:
-    """Run ``program`` in a fresh interpreter at the repository's top; fail with its stderr."""
-    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True)
+def run_python(program: str, env: dict[str, str] | None = None) -> None:
+    """Run ``program`` in a fresh interpreter at the repository's top, with ``env`` added to the
+    environment; fail with its stderr."""
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr
 
 
@@ -700,3 +708,51 @@ def test_warmup_compiles_everything_a_training_step_runs():
             model.backward(softmax_cross_entropy(logits, np.arange(5))[1], input_grad=False)
             optimizer.step()
     assert [len(dispatcher.signatures) for dispatcher in dispatchers] == compiled
+
+
+def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path):
+    """On an empty Numba cache the backward pass's per-thread kernel is compiled by the helper
+    process and only loaded here; everything else is compiled here, once; a training step then
+    compiles nothing more and gives the numbers of a model compiled all in one process."""
+    run_python("import numpy as np\n"
+               "from numpylenet import Adam, LeNet5, kernels\n"
+               "from numpylenet.engine import NumbaLeNet5\n"
+               "NumbaLeNet5.compile(np.float32, 'adam')\n"
+               "def counts(dispatcher):\n"
+               "    return sum(dispatcher.stats.cache_hits.values()), sum(dispatcher.stats.cache_misses.values())\n"
+               "assert counts(kernels.backward_images) == (1, 0), counts(kernels.backward_images)\n"
+               "assert counts(kernels.forward_images) == (0, 1) and counts(kernels.lenet_backward) == (0, 1)\n"
+               "model = LeNet5(seed=0, backend='numba')\n"
+               "optimizer = Adam(model.parameters(), lr=0.1)\n"
+               "x = np.random.default_rng(0).random((5, 1, 32, 32), np.float32)\n"
+               "model.forward_backward(x, np.arange(5))\n"
+               "optimizer.step()\n"
+               "assert [len(k.signatures) for k in (kernels.lenet_forward, kernels.lenet_backward)] == [1, 1]\n"
+               f"np.save({str(tmp_path / 'weights.npy')!r}, model.flat_buffers()[0])\n",
+               env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    model = LeNet5(seed=0, backend="numba")     # compiled by this test session, in one process
+    optimizer = Adam(model.parameters(), lr=0.1)
+    model.forward_backward(np.random.default_rng(0).random((5, 1, 32, 32), np.float32), np.arange(5))
+    optimizer.step()
+    np.testing.assert_array_equal(np.load(tmp_path / "weights.npy"), model.flat_buffers()[0])
+
+
+def test_a_warm_compile_starts_no_helper(monkeypatch):
+    def no_process(*args, **kwargs):
+        raise AssertionError("started a helper process with the kernels already in the cache")
+
+    monkeypatch.setattr(engine.subprocess, "Popen", no_process)
+    engine.NumbaLeNet5.compile(np.float32, "sgd")
+
+
+@pytest.mark.parametrize("executable", ["/nonexistent/python", "false"])
+def test_a_helper_that_fails_leaves_the_compile_to_this_process(monkeypatch, executable):
+    """A helper that cannot start, or exits with an error, costs nothing but its time: the
+    kernels still end up compiled (here: loaded from this session's cache) and run."""
+    import shutil
+
+    monkeypatch.setattr(engine._CompileRun, "backward_wants_compiling_into_the_cache", lambda self: True)
+    monkeypatch.setattr(engine.sys, "executable", shutil.which(executable) or executable)
+    engine.NumbaLeNet5.compile(np.float64, "adam")
+    model = LeNet5(seed=0, dtype=np.float64, backend="numba")
+    assert np.isfinite(model.forward_backward(random((3, 1, 32, 32)), np.arange(3)))
