@@ -201,7 +201,7 @@ class NumbaLeNet5:
         Compiling is what a fresh machine waits for (:data:`numpylenet.backend.COMPILE_SECONDS`).
         Numba compiles on one core, so when the backward pass is not in the cache yet (and
         ``helper_process``), a helper process compiles it into the cache while this one compiles
-        the rest, and this one then loads it: on two cores ~9 s instead of ~16 s one after the other.
+        the rest, and this one then loads it: on two cores ~11 s instead of ~18 s one after the other.
         Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
         """
         dtype = np.dtype(dtype)
@@ -298,7 +298,7 @@ def fused_sgd_step(data: np.ndarray, grad: np.ndarray, momentum_buffer: np.ndarr
 def warmup(dtypes: Iterable = DTYPE_NAMES, helper_process: bool = True) -> float:
     """Compile (or load from the on-disk cache) every kernel for each dtype (by default float32
     and float64; ``helper_process`` as in :meth:`NumbaLeNet5.compile`); return the seconds it
-    took: about ten seconds a dtype the first time, well under a second once Numba's cache holds
+    took: about eleven seconds a dtype the first time, well under a second once Numba's cache holds
     them."""
     start = time.perf_counter()
     for dtype in dtypes:
