@@ -191,7 +191,8 @@ class NumbaLeNet5:
         kernels.lenet_backward(self.per_thread(True), self.flat_data, self.flat_grad, self.codes, work, input_grad)
 
     @classmethod
-    def compile(cls, dtype, optimizer: str | None = None, helper_process: bool = True) -> None:
+    def compile(cls, dtype, optimizer: str | None = None, helper_process: bool = True,
+                affine_augmentation: bool = False) -> None:
         """Run every kernel a run uses once, on a tiny batch and zero weights, so that Numba
         compiles them (or loads them from its on-disk cache) for ``dtype``: both passes, with and
         without dL/dx, the loss, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both).
@@ -203,6 +204,9 @@ class NumbaLeNet5:
         ``helper_process``), a helper process compiles it into the cache while this one compiles
         the rest, and this one then loads it: on two cores ~11 s instead of ~18 s one after the other.
         Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
+        ``affine_augmentation`` also compiles the kernel of :func:`numpylenet.augment.warp_bilinear`
+        for ``dtype`` (a run with affine augmentation meets it at its first batch), in the
+        helper process when there is one.
         """
         dtype = np.dtype(dtype)
         if optimizer not in (None, *OPTIMIZER_NAMES):
@@ -213,8 +217,11 @@ class NumbaLeNet5:
             # Its output is dropped: should it fail (or not start), this process compiles the
             # kernel itself below and reports any error there.
             try:
-                helper = subprocess.Popen([sys.executable, "-c", "from numpylenet.engine import _CompileRun\n"
-                                           f"_CompileRun({dtype.name!r}).engine.per_thread(backward=True)"],
+                program = ("from numpylenet.engine import _CompileRun\n"
+                           f"run = _CompileRun({dtype.name!r})\n"
+                           "run.engine.per_thread(backward=True)\n"
+                           + ("run.affine_augmentation()\n" if affine_augmentation else ""))
+                helper = subprocess.Popen([sys.executable, "-c", program],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             except OSError:
                 helper = None
@@ -225,6 +232,8 @@ class NumbaLeNet5:
             if helper is not None:
                 helper.wait()
         engine.backward()
+        if affine_augmentation:
+            engine.affine_augmentation()
 
 
 class _CompileRun:
@@ -249,6 +258,12 @@ class _CompileRun:
         if isinstance(cache, NullCache):    # caching off: a helper's work would not reach us
             return False
         return cache.load_overload(self.backward_signature, kernels.backward_images.targetctx) is None
+
+    def affine_augmentation(self) -> None:
+        """The resampling kernel of :func:`numpylenet.augment.warp_bilinear`, for this dtype."""
+        from .augment import warp_bilinear
+
+        warp_bilinear(np.zeros((1, 2, 2), self.dtype), np.eye(2, 3)[np.newaxis])
 
     def parallel_backward(self) -> None:
         """Compile the backward pass's parallel kernel (not its per-thread kernel, which it

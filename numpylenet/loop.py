@@ -84,11 +84,12 @@ class NumpyLearner:
         self.compile_seconds = 0.0
         if self.backend == "numba":
             # Compile (or load from Numba's disk cache) what this run uses - its dtype, its
-            # optimiser - before the clock of epoch 1 starts.
+            # optimiser, its augmentation's kernel - before the clock of epoch 1 starts.
             from .engine import NumbaLeNet5
 
             started = time.perf_counter()
-            NumbaLeNet5.compile(self.model.dtype, config.optimizer)
+            NumbaLeNet5.compile(self.model.dtype, config.optimizer,
+                                affine_augmentation=config.augment and config.augmentation == "affine")
             self.compile_seconds = time.perf_counter() - started
         self.label_smoothing = config.label_smoothing
         if config.optimizer == "adam":

@@ -711,16 +711,18 @@ def test_warmup_compiles_everything_a_training_step_runs():
 
 
 def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path):
-    """On an empty Numba cache the backward pass's per-thread kernel is compiled by the helper
-    process and only loaded here; everything else is compiled here, once; a training step then
+    """On an empty Numba cache the backward pass's per-thread kernel (and the augmentation's,
+    when asked) is compiled by the helper process and only loaded here; everything else is compiled here, once; a training step then
     compiles nothing more and gives the numbers of a model compiled all in one process."""
     run_python("import numpy as np\n"
                "from numpylenet import Adam, LeNet5, kernels\n"
                "from numpylenet.engine import NumbaLeNet5\n"
-               "NumbaLeNet5.compile(np.float32, 'adam')\n"
+               "from numpylenet.augment_kernels import warp_bilinear_kernel\n"
+               "NumbaLeNet5.compile(np.float32, 'adam', affine_augmentation=True)\n"
                "def counts(dispatcher):\n"
                "    return sum(dispatcher.stats.cache_hits.values()), sum(dispatcher.stats.cache_misses.values())\n"
                "assert counts(kernels.backward_images) == (1, 0), counts(kernels.backward_images)\n"
+               "assert counts(warp_bilinear_kernel) == (1, 0), counts(warp_bilinear_kernel)\n"
                "assert counts(kernels.forward_images) == (0, 1) and counts(kernels.lenet_backward) == (0, 1)\n"
                "model = LeNet5(seed=0, backend='numba')\n"
                "optimizer = Adam(model.parameters(), lr=0.1)\n"
@@ -756,3 +758,12 @@ def test_a_helper_that_fails_leaves_the_compile_to_this_process(monkeypatch, exe
     engine.NumbaLeNet5.compile(np.float64, "adam")
     model = LeNet5(seed=0, dtype=np.float64, backend="numba")
     assert np.isfinite(model.forward_backward(random((3, 1, 32, 32)), np.arange(3)))
+
+
+@pytest.mark.parametrize("recipe, compiled", [("default", 1), ("speedrun", 0)])
+def test_a_learner_compiles_the_affine_augmentation_only_when_its_run_uses_it(recipe, compiled):
+    run_python("from numpylenet.augment_kernels import warp_bilinear_kernel\n"
+               "from numpylenet.loop import NumpyLearner\n"
+               "from numpylenet.recipes import make_config\n"
+               f"NumpyLearner(make_config({recipe!r}, dataset='mnist-sample', backend='numba'))\n"
+               f"assert len(warp_bilinear_kernel.signatures) == {compiled}, warp_bilinear_kernel.signatures\n")
