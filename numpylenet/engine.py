@@ -217,7 +217,10 @@ class NumbaLeNet5:
             # Its output is dropped: should it fail (or not start), this process compiles the
             # kernel itself below and reports any error there.
             try:
-                program = ("from numpylenet.engine import _CompileRun\n"
+                # The helper imports this very package, wherever it was imported from here.
+                package_folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+                program = (f"import sys\nsys.path.insert(0, {package_folder!r})\n"
+                           f"from {__name__} import _CompileRun\n"
                            f"run = _CompileRun({dtype.name!r})\n"
                            "run.engine.per_thread(backward=True)\n"
                            + ("run.affine_augmentation()\n" if affine_augmentation else ""))

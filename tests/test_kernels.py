@@ -9,6 +9,7 @@ lands near 1e-15); float32 2e-5 (sums of up to a few thousand products in anothe
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -712,9 +713,17 @@ def test_warmup_compiles_everything_a_training_step_runs():
 
 def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path):
     """On an empty Numba cache the backward pass's per-thread kernel (and the augmentation's,
-    when asked) is compiled by the helper process and only loaded here; everything else is compiled here, once; a training step then
-    compiles nothing more and gives the numbers of a model compiled all in one process."""
-    run_python("import numpy as np\n"
+    when asked) is compiled by the helper process and only loaded here; everything else is
+    compiled here, once; a training step then compiles nothing more and gives the numbers of a
+    model compiled all in one process. The package is a copy, imported through the first entry
+    of sys.path: the helper must compile that copy, not the one at the repository's top."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "numpylenet", elsewhere / "numpylenet", ignore=shutil.ignore_patterns("__pycache__"))
+    run_python("import sys\n"
+               f"sys.path.insert(0, {str(elsewhere)!r})\n"
+               "import numpy as np\n"
+               "import numpylenet\n"
+               f"assert numpylenet.__file__.startswith({str(elsewhere)!r}), numpylenet.__file__\n"
                "from numpylenet import Adam, LeNet5, kernels\n"
                "from numpylenet.engine import NumbaLeNet5\n"
                "from numpylenet.augment_kernels import warp_bilinear_kernel\n"
