@@ -13,10 +13,9 @@ seeds: the baseline the seed recipe has to land on.
 Writes ``<out>/parity.json`` (the Markdown table, every run's figures, the machine, the threads,
 the versions, the date) and ``<out>/parity.png`` (both frameworks' loss curves, mean over seeds,
 per recipe); ``--out`` defaults to ``benchmarks/results``. The runs themselves live in
-``<out>/tmp/parity/``; a run whose ``summary.json`` exists is reused (when its saved settings are
-still the recipe's), so an interrupted benchmark
-picks up where it stopped (``--fresh`` redoes all). ``--quick`` (the CI smoke test) trains one
-seed for one epoch on 320 images of the bundled mnist-sample: its figures mean nothing.
+``<out>/tmp/parity/``; a run whose ``summary.json`` exists is reused while its saved settings are
+still the recipe's, so an interrupted benchmark picks up where it stopped (``--fresh`` redoes
+all). ``--quick`` (the CI smoke test) trains one seed for one epoch on 320 images of the bundled mnist-sample: its figures mean nothing.
 
 Targets (issues 4 and 13): the default and speedrun recipes, means within 0.15 percentage points;
 seed recipe, the difference of means within the seed-to-seed spread.

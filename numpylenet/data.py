@@ -23,6 +23,7 @@ The IDX format (http://yann.lecun.com/exdb/mnist/), all integers big-endian::
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import http.client
@@ -747,6 +748,7 @@ def normalize(x: np.ndarray, mean: float | Sequence[float], std: float | Sequenc
     return (x - mean) / std
 
 
+@functools.lru_cache(maxsize=None)
 def pixel_table(dtype: np.dtype | type = np.float32,
                 mean_std: tuple[float, float] | None = None) -> np.ndarray:
     """What each of the 256 uint8 pixel values becomes under :func:`to_float` and then, when
@@ -762,9 +764,12 @@ def pixel_table(dtype: np.dtype | type = np.float32,
 
     Returns
     -------
-    ndarray of ``dtype``, shape (256,): ``table[v]`` is the float for pixel value ``v``
+    ndarray of ``dtype``, shape (256,), read-only: ``table[v]`` is the float for pixel value ``v``;
+    built once per (dtype, mean_std), since every batch of a run asks for the same one
     """
     values = to_float(np.arange(256, dtype=np.uint8).reshape(1, 1, 256), dtype=dtype)
     if mean_std is not None:
         values = normalize(values, *mean_std)
-    return values.reshape(256)
+    table = values.reshape(256)
+    table.flags.writeable = False
+    return table

@@ -214,20 +214,7 @@ class NumbaLeNet5:
         engine = _CompileRun(dtype)
         helper = None
         if helper_process and engine.backward_wants_compiling_into_the_cache():
-            # Its output is dropped: should it fail (or not start), this process compiles the
-            # kernel itself below and reports any error there.
-            try:
-                # The helper imports this very package, wherever it was imported from here.
-                package_folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-                program = (f"import sys\nsys.path.insert(0, {package_folder!r})\n"
-                           f"from {__name__} import _CompileRun\n"
-                           f"run = _CompileRun({dtype.name!r})\n"
-                           "run.engine.per_thread(backward=True)\n"
-                           + ("run.affine_augmentation()\n" if affine_augmentation else ""))
-                helper = subprocess.Popen([sys.executable, "-c", program],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            except OSError:
-                helper = None
+            helper = _start_helper(dtype, affine_augmentation)
         try:
             engine.forward(optimizer)
             engine.parallel_backward()
@@ -237,6 +224,24 @@ class NumbaLeNet5:
         engine.backward()
         if affine_augmentation:
             engine.affine_augmentation()
+
+
+def _start_helper(dtype: np.dtype, affine_augmentation: bool) -> subprocess.Popen | None:
+    """Start the process that compiles the backward pass's per-thread kernel (and the affine
+    augmentation's) into Numba's cache, or None if it cannot start. Its output is dropped: should
+    it fail, :meth:`NumbaLeNet5.compile` compiles the kernels itself and reports any error."""
+    # The helper imports this very package, wherever (and under whatever name) it was imported here.
+    package_folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    program = (f"import sys\nsys.path.insert(0, {package_folder!r})\n"
+               f"from {__name__} import _CompileRun\n"
+               f"run = _CompileRun({dtype.name!r})\n"
+               "run.engine.per_thread(backward=True)\n"
+               + ("run.affine_augmentation()\n" if affine_augmentation else ""))
+    try:
+        return subprocess.Popen([sys.executable, "-c", program],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
 
 
 class _CompileRun:

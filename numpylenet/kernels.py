@@ -940,7 +940,8 @@ def backward_images(flat_params, codes, work, t, lo, hi, input_grad):
     images at a time, ADDING their dL/dW into the thread's own ``work.conv_grads[t]``."""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
     conv1_grads = _layer_views(work.conv_grads[t], _LAYER_PLACES[0])
-    conv2_grads = (work.grad_conv2_weight[t], _layer_views(work.conv_grads[t], _LAYER_PLACES[1])[1])
+    conv2_grad_weight, conv2_grad_bias = _layer_views(work.conv_grads[t], _LAYER_PLACES[1])  # (c, i, j) order
+    conv2_grads = (work.grad_conv2_weight[t], conv2_grad_bias)     # the weight's in (i, j, c) order
     work.grad_conv2_weight[t] = 0
     activation, mine = codes.activation, slice(lo, hi)
     dense_backward(work.grad_logits[mine], work.logits[mine], params.fc2, np.int64(IDENTITY),
@@ -958,7 +959,6 @@ def backward_images(flat_params, codes, work, t, lo, hi, input_grad):
         conv1_backward(grad_pool1, work.x[images], work.conv1[images], params.conv1, codes,
                        grad_conv1=conv1_grads, grad_z=work.grad_conv1[t], grad_x=work.grad_x[images],
                        input_grad=input_grad)
-    conv2_grad_weight = _layer_views(work.conv_grads[t], _LAYER_PLACES[1])[0]   # torch's (c, i, j) order
     add_unpermuted_conv_weight(work.grad_conv2_weight[t], KERNEL_AREA, conv2_grad_weight)
 
 

@@ -140,7 +140,8 @@ def transform(images: np.ndarray, config: TrainConfig, dataset: str, *, train: b
     affine distortion (:func:`numpylenet.augment.random_affine` with the config's ranges).
     Evaluation images: centred in 32x32, or for ``eval_crop="random"`` the same random crop.
     Then ``x / 255`` and, when ``config.normalize``, ``(x - mean) / std`` with the data set's mean
-    and std (for uint8 pixels both at once, by looking each value up in :func:`data.pixel_table`). ``rng`` may be None when nothing is random (no augmentation, centred evaluation).
+    and std (for uint8 pixels both at once, by looking each value up in :func:`data.pixel_table`).
+    ``rng`` may be None when nothing is random (no augmentation, centred evaluation).
     """
     if train and config.augment and config.augmentation == "affine":
         x = data.to_float(data.pad_to(images, 32), dtype=np.dtype(config.dtype))
