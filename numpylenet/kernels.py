@@ -478,7 +478,7 @@ def _add_column_sums(matrix, out):
 # rows: computed, never used, and their gradient is 0.
 
 
-@kernel(fastmath=True)
+@kernel(fastmath=True, inline='always')
 def conv1_forward(x, conv1, codes, y, pooled):
     """conv1's forward pass: :class:`numpylenet.layers.Conv2d` (one input channel, 5x5), then the
     activation and the 2x2 pooling, in one pass over the image::
@@ -534,7 +534,7 @@ def conv1_forward(x, conv1, codes, y, pooled):
                     pooled[n, ph, pw, c] = result if pool == MAX else result * scale
 
 
-@kernel(fastmath=True)
+@kernel(fastmath=True, inline='always')
 def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, input_grad):
     """conv1's backward pass (:meth:`numpylenet.layers.Conv2d.backward` after the pooling's and the
     activation's), from dL/d(pooled) in the row layout of :func:`conv1_forward`::
@@ -633,7 +633,7 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
 # conv2: channels-last im2col and one matrix product, fused with activation and pooling
 # --------------------------------------------------------------------------------------------
 
-@kernel
+@kernel(inline='always')
 def conv2_forward(x, conv2, codes, cols, y, pooled):
     """conv2's forward pass: :class:`numpylenet.layers.Conv2d` (5x5) as im2col and one product,
     then bias + activation on the product and the 2x2 pooling, all channels-last::
@@ -667,7 +667,7 @@ def conv2_forward(x, conv2, codes, cols, y, pooled):
     pool_forward(y, pool, POOL_WINDOW, channels_last(pooled))
 
 
-@kernel
+@kernel(inline='always')
 def conv2_backward(grad_pooled, x, y, conv2, codes, grad_conv2, cols, grad_z, grad_x):
     """conv2's backward pass (:meth:`numpylenet.layers.Conv2d.backward` after the pooling's and
     the activation's), channels-last as :func:`conv2_forward`::
@@ -707,7 +707,7 @@ def conv2_backward(grad_pooled, x, y, conv2, codes, grad_conv2, cols, grad_z, gr
 # Dense layers: conv3 (one window), fc1, fc2
 # --------------------------------------------------------------------------------------------
 
-@kernel
+@kernel(inline='always')
 def dense_forward(x, layer, activation, y):
     """A dense layer's forward pass, :class:`numpylenet.layers.Linear` then the activation
     (IDENTITY for fc2)::
@@ -729,7 +729,7 @@ def dense_forward(x, layer, activation, y):
     bias_activation(y, bias, activation)
 
 
-@kernel
+@kernel(inline='always')
 def dense_backward(grad_y, y, layer, activation, grad_x):
     """A dense layer's backward pass, per image: the activation's, then the input-gradient half of
     :meth:`numpylenet.layers.Linear.backward` (for conv3, :meth:`~numpylenet.layers.Conv2d.backward`
@@ -751,7 +751,7 @@ def dense_backward(grad_y, y, layer, activation, grad_x):
     gemm(grad_y, layer[0], grad_x, False, False)           # dx = dZ @ W
 
 
-@kernel
+@kernel(inline='always')
 def dense_weight_grad(grad_z, x, grad_layer, part, parts):
     """The weight-gradient half of :meth:`numpylenet.layers.Linear.backward` (for conv3, of
     :meth:`~numpylenet.layers.Conv2d.backward` on its single window), over the whole batch, for the rows ``part * out // parts`` up to ``(part + 1) * out // parts`` of the layer's weight::
@@ -928,7 +928,7 @@ def _images_of(work, t, threads):
     return t * n_images // threads, (t + 1) * n_images // threads
 
 
-@kernel
+@kernel(fastmath=True)
 def forward_images(flat_params, flat_grad, codes, work, t, threads, input_grad):
     """The forward pass of thread t: its images lo:hi of the batch, its own scratch (entry t of
     each per-thread array of ``work``). Reads like :meth:`numpylenet.LeNet5.forward`: conv1 and
@@ -948,7 +948,7 @@ def forward_images(flat_params, flat_grad, codes, work, t, threads, input_grad):
     dense_forward(work.fc1[mine], params.fc2, np.int64(IDENTITY), y=work.logits[mine])
 
 
-@kernel
+@kernel(fastmath=True)
 def backward_images(flat_params, flat_grad, codes, work, t, threads, input_grad):
     """The backward pass of thread t, on its images lo:hi and its own scratch. Reads like
     :meth:`numpylenet.LeNet5.backward`: fc2, fc1 and conv3 on all the images (dL/dz and dL/dx:
