@@ -206,7 +206,7 @@ class NumbaLeNet5:
         Compiling is what a fresh machine waits for (:data:`numpylenet.backend.COMPILE_SECONDS`).
         Numba compiles on one core, so when the backward pass is not in the cache yet (and
         ``helper_process``), a helper process compiles it into the cache while this one compiles
-        the rest, and this one then loads it: on two cores ~11 s instead of ~18 s one after the other.
+        the rest, and this one then loads it: on two cores ~7 s instead of ~12.5 s one after the other.
         Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
         ``affine_augmentation`` also compiles the kernel of :func:`numpylenet.augment.warp_bilinear`
         for ``dtype`` (a run with affine augmentation meets it at its first batch), in the

@@ -16,7 +16,7 @@ the work happens, never *what* is computed. Each layer of the network has its pa
 | pool | `layers.AvgPool2d`, `layers.MaxPool2d` | `pool_forward`, `pool_activation_backward` | NHWC | |
 | flatten | `layers.Flatten` | none [5] | | |
 | loss | `loss.softmax_cross_entropy` | `softmax_cross_entropy` | (N, 10), into the workspace | |
-| network | `model.LeNet5.forward`, `model.LeNet5.backward` | `lenet_forward`, `lenet_backward` | [6] | all |
+| network | `model.LeNet5.forward`, `model.LeNet5.backward` | `forward_images`, `backward_images`, `weight_grads`, run by `on_threads` | [6] | all |
 | Adam | `optim.Adam.step` | `adam_step` | flat buffer | all ten |
 | SGD | `optim.SGD.step` | `sgd_step` | flat buffer | all ten |
 
@@ -27,7 +27,8 @@ sub-batch of 4 images, against its weight reordered (i, j, c); its pooled output
 torch's (c, h, w) order. [4] conv3's 5x5 kernel covers its whole 5x5 input: one window, so im2col
 would only copy, and the convolution is a dense layer on the 400 flattened inputs. [5] pool2 is
 stored in torch's order, so it is conv3's (N, 400) input as it stands. [6] One slice of the batch
-per thread, carried through every layer `SUB_BATCH` images at a time; one parallel region per pass.
+per thread, carried through every layer `SUB_BATCH` images at a time; one parallel region per pass
+(forward; backward; the dense layers' weight gradients).
 
 The activation (any of three) and the pooling (either) are chosen at run time by :class:`Codes`
 and run inside the layer kernel before them. So a layer's forward kernel returns its output after
@@ -54,16 +55,28 @@ How the work is placed:
   feed products with only six rows; :func:`conv1_forward` sums each output where it stands, with
   bias, activation and pooling in the same pass, and :func:`conv1_backward` forms dL/dW and
   dL/dx from the image in place.
-* **Named work buffers.** Every array the two passes write lives in one :class:`Workspace`, built
+* **Named work buffers.** Every array the passes write lives in one :class:`Workspace`, built
   by :func:`make_workspace` for a batch size and a thread count; every size in it follows from
   :data:`PARAMETER_SHAPES`.
 
 Every kernel is compiled with ``cache=True`` and NumPy's error model; the pointwise, pooling and
-conv1 kernels also with ``fastmath``, which lets LLVM vectorise them by assuming that no value is
-NaN or infinite. On such values these kernels therefore follow no rule: where the NumPy layers
+conv1 kernels, and the forward and backward passes, also with ``fastmath``, which lets LLVM
+vectorise them by assuming that no value is NaN or infinite. On such values these kernels therefore follow no rule: where the NumPy layers
 route gradients at NaN exactly as torch does (ReLU passes it, max pooling picks the last NaN), the
 kernels' choice is unspecified. A NaN there means training has already diverged, and the trainer
-stops at the first non-finite loss. Importing this module compiles nothing and starts no threads:
+stops at the first non-finite loss.
+
+The layer kernels that the per-thread passes call (conv1's, conv2's, the dense layers') are
+compiled with ``inline='always'``: Numba writes their code into the pass that calls them, where
+it is compiled once, instead of compiling each on its own first (LLVM optimising and emitting it
+once alone and again inside the pass): the first compile on an empty cache went from 8.5 s to
+7.2 s. The inlined code takes the pass's flags (the passes are ``fastmath`` for conv1's sake; the
+other layer kernels do their arithmetic in kernels they call, which keep their own). Called from
+Python, as the tests call them, they compile on their own as any kernel. The small kernels that
+several layers call (im2col, gemm, pooling, activation) stay ordinary calls: inlined, Numba
+would type their code again at every call site, which measured slower to compile.
+
+Importing this module compiles nothing and starts no threads:
 :mod:`numpylenet.engine` starts Numba's thread pool when the first engine is built, and
 :func:`numpylenet.engine.warmup` compiles (or loads) every kernel.
 """
@@ -876,8 +889,8 @@ def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
 # The whole network: LeNet5.forward and LeNet5.backward
 # --------------------------------------------------------------------------------------------
 
-# The two parallel kernels take the per-thread network (forward_images, backward_images) as an
-# argument, a function pointer, instead of calling it by name. Called by name, Numba would link the
+# The parallel kernel, on_threads, takes the per-thread pass (forward_images, backward_images,
+# weight_grads) as an argument, a function pointer, instead of calling it by name. Called by name, Numba would link the
 # whole network's code into the parallel kernel's module, and into each of the three modules that
 # a parallel loop adds (the loop body, its gufunc wrapper, the thread launcher), optimising and
 # emitting it again in each: 18 of the 37 s that compiling took on an empty cache. Called through
@@ -918,7 +931,7 @@ def _typeof_kernel_address(value, context):
 
 
 # Every per-thread pass has this one signature, so that one parallel kernel, on_threads, runs them
-# all: each parallel kernel costs about a second and a half to compile (the loop body, its gufunc
+# all: each parallel kernel took 1.3 s (one loop) to 2.9 s (two) to compile (the loop body, its gufunc
 # wrapper and the thread launcher are three more modules). A pass ignores what it does not use.
 
 @kernel
