@@ -144,7 +144,7 @@ _SIZES = tuple(int(np.prod(shape)) for _, shape in PARAMETER_SHAPES)
 _OFFSETS = tuple(int(o) for o in np.concatenate([[0], np.cumsum(_SIZES)]))
 NUM_PARAMETERS = _OFFSETS[-1]                       # 61,706
 # conv1's and conv2's parameters, first in the flat buffer: the part of dL/dW that each thread
-# forms for its own images (a dense layer's is one product over the whole batch, see lenet_backward).
+# forms for its own images (a dense layer's is one product over the whole batch, see weight_grads).
 CONV_PARAMETERS = _OFFSETS[4]                       # 2,572
 # Each weight as the kernels use it: conv weights (C_out, C_in kh kw), in torch's (c, i, j) order.
 _WEIGHT_MATRICES = tuple((shape[0], int(np.prod(shape[1:]))) for name, shape in PARAMETER_SHAPES
@@ -996,8 +996,8 @@ def backward_images(flat_params, flat_grad, codes, work, t, threads, input_grad)
 
 @kernel
 def weight_grads(flat_params, flat_grad, codes, work, t, threads, input_grad):
-    """Thread t's share of the weight gradients, once every thread's :func:`backward_images` is
-    done, added into ``flat_grad``: rows part t of ``threads`` of each dense layer's dL/dW over
+    """The end of :meth:`numpylenet.LeNet5.backward`: thread t's share of the weight gradients,
+    once every thread's :func:`backward_images` is done, added into ``flat_grad``: rows part t of ``threads`` of each dense layer's dL/dW over
     the whole batch (:func:`dense_weight_grad` for fc2, fc1 and conv3: one product over all N
     images, from the dL/dz and the inputs that the passes left in ``work``, and no per-thread
     copy of those 59,000 entries to zero and sum), and part t of the sum of the threads' conv1
