@@ -323,7 +323,7 @@ def fused_sgd_step(data: np.ndarray, grad: np.ndarray, momentum_buffer: np.ndarr
 def warmup(dtypes: Iterable = DTYPE_NAMES, helper_process: bool = True) -> float:
     """Compile (or load from the on-disk cache) every kernel for each dtype (by default float32
     and float64; ``helper_process`` as in :meth:`NumbaLeNet5.compile`); return the seconds it
-    took: about eleven seconds a dtype the first time, well under a second once Numba's cache holds
+    took: about seven seconds a dtype the first time, well under a second once Numba's cache holds
     them."""
     start = time.perf_counter()
     for dtype in dtypes:
