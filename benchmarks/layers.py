@@ -176,7 +176,7 @@ def torch_contenders(x: np.ndarray, labels: np.ndarray) -> dict[tuple[str, str],
 
 def numba_contenders(x: np.ndarray, labels: np.ndarray) -> dict[tuple[str, str], Callable]:
     """(row, pass) -> a function timing that piece of ``LeNet5(backend="numba")``; {} when the
-    backend cannot run here. Fused: one forward and one backward kernel for all the layers."""
+    backend cannot run here. Fused: one forward and one backward pass for all the layers."""
     try:
         from numpylenet.backend import numba_unavailable_reason
     except ImportError:
@@ -311,7 +311,7 @@ def markdown(rows: list[dict], frameworks: list[str], batch_size: int) -> str:
     note = (f"Batch {batch_size}, float32; median per call. \"speed-up\" = torch's time / ours "
             f"(above 1: faster than torch). conv and fc rows include their ReLU.")
     if "numba" in frameworks:
-        note += (" The numba backend fuses every layer into one forward and one backward kernel, so "
+        note += (" The numba backend fuses every layer into one forward and one backward pass, so "
                  "it has only the \"all layers\" rows.")
     return common.markdown_table(headers, lines, align="ll" + "r" * (len(headers) - 2)) + "\n\n" + note
 

@@ -26,21 +26,27 @@ def warp_bilinear_kernel(images: np.ndarray, maps: np.ndarray, constants: np.nda
     Branch-free: each image is first copied into a frame of zeros (one row and column before, two
     after), and every source position is clamped into [0, size + 1] of the frame. Clamping changes
     nothing: a position beyond the frame's first row (or last) has both neighbours outside the
-    image, and so does the clamped one, so both read zeros.
+    image, and so does the clamped one, so both read zeros. (The frame is filled by a loop rather
+    than ``np.zeros`` and a slice assignment, and the pixel indices converted one by one rather
+    than by ``np.arange``: inside a parallel loop, those array functions made this kernel take
+    2.1 s to compile instead of 0.9 s.)
     """
     count, height, width = images.shape
+    real = images.dtype.type
     zero, one, last_column, last_row = constants[0], constants[1], constants[2], constants[3]
-    columns, rows = np.arange(width).astype(images.dtype), np.arange(height).astype(images.dtype)
     for n in prange(count):
-        framed = np.zeros((height + 3, width + 3), images.dtype)
-        framed[1:height + 1, 1:width + 1] = images[n]
+        framed = np.empty((height + 3, width + 3), images.dtype)
+        for i in range(height + 3):
+            for j in range(width + 3):
+                inside = 1 <= i <= height and 1 <= j <= width
+                framed[i, j] = images[n, i - 1, j - 1] if inside else zero
         m = maps[n]
         for i in range(height):
-            u_row = m[0, 1] * rows[i] + m[0, 2]
-            v_row = m[1, 1] * rows[i] + m[1, 2]
+            u_row = m[0, 1] * real(i) + m[0, 2]
+            v_row = m[1, 1] * real(i) + m[1, 2]
             for j in range(width):
-                u = min(max(m[0, 0] * columns[j] + u_row, zero), last_column)   # source column
-                v = min(max(m[1, 0] * columns[j] + v_row, zero), last_row)      # source row
+                u = min(max(m[0, 0] * real(j) + u_row, zero), last_column)   # source column
+                v = min(max(m[1, 0] * real(j) + v_row, zero), last_row)      # source row
                 u0, v0 = np.floor(u), np.floor(v)
                 fu, fv = u - u0, v - v0
                 column, row = int(u0), int(v0)

@@ -24,13 +24,13 @@ ENVIRONMENT_VARIABLE = "NUMPYLENET_BACKEND"
 
 # What compiling the numba backend's kernels for one dtype and one optimiser into an empty Numba
 # cache takes on an AMD EPYC (Zen 4, 2.6 GHz), the backward pass's per-thread kernel in a helper
-# process on the second core (NumbaLeNet5.compile; ~18 s on one core; benchmarks/cold_start.py
+# process on the second core (NumbaLeNet5.compile; ~12.5 s on one core; benchmarks/cold_start.py
 # measures the whole cold start); loading them back from the cache takes well under a second.
 # Nearly all of it is LLVM optimising and emitting machine code: each kernel once on its own,
 # and again inside every kernel that calls it by name (Numba links callees into their caller's
-# module). See numpylenet.kernels.KernelAddress for why the parallel kernels call the network by
-# address.
-COMPILE_SECONDS = 11
+# module). See numpylenet.kernels.KernelAddress for why the parallel kernel calls the network by
+# address, and the kernels' module docstring for the layer kernels inlined into it.
+COMPILE_SECONDS = 7
 
 
 def numba_unavailable_reason() -> str | None:

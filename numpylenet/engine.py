@@ -1,8 +1,9 @@
 """The Numba engine: what ``LeNet5(backend="numba")`` runs, on the kernels of :mod:`numpylenet.kernels`.
 
-* :class:`NumbaLeNet5` runs a model's forward and backward passes as the two fused parallel
-  kernels :func:`~numpylenet.kernels.lenet_forward` and :func:`~numpylenet.kernels.lenet_backward`,
-  reading the weights from the model's flat buffer and adding the gradients into its flat gradient
+* :class:`NumbaLeNet5` runs a model's forward and backward passes as fused per-thread passes
+  (:func:`~numpylenet.kernels.forward_images`, :func:`~numpylenet.kernels.backward_images`,
+  :func:`~numpylenet.kernels.weight_grads`), each on every thread by the one parallel kernel
+  :func:`~numpylenet.kernels.on_threads`, reading the weights from the model's flat buffer and adding the gradients into its flat gradient
   (see :meth:`numpylenet.LeNet5.flat_buffers`), in a :class:`~numpylenet.kernels.Workspace` built
   once per batch size;
 * :func:`fused_adam_step` and :func:`fused_sgd_step` are :class:`numpylenet.Adam`'s and
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 
 import numba
 import numpy as np
-from numba import typeof, types
+
 from numba.core.caching import NullCache
 
 from . import kernels
@@ -115,7 +116,7 @@ class NumbaLeNet5:
         self.codes = kernels.Codes(kernels.ACTIVATION_CODES[activation], kernels.POOL_CODES[pool])
         self.work: kernels.Workspace | None = None
         self.threads = 0
-        self._addresses: dict[bool, kernels.KernelAddress] = {}
+        self._addresses: dict[str, kernels.KernelAddress] = {}
 
     @classmethod
     def for_model(cls, model) -> NumbaLeNet5:
@@ -136,19 +137,18 @@ class NumbaLeNet5:
             self.threads = threads
         return self.work
 
-    def _per_thread_args(self, backward: bool) -> tuple:
-        """Example arguments of the per-thread pass (its types are all that matter)."""
-        common = (self.flat_data, self.codes, self.work, 0, 0, 0)
-        return (*common, True) if backward else common
+    def per_thread_args(self) -> tuple:
+        """Example arguments of a per-thread pass (their types are all that matter: the three
+        passes share one signature)."""
+        return (self.flat_data, self.flat_grad, self.codes, self.work, 0, 1, True)
 
-    def per_thread(self, backward: bool) -> kernels.KernelAddress:
-        """The per-thread pass that the parallel kernel calls: :func:`~numpylenet.kernels.forward_images`
-        or (``backward``) :func:`~numpylenet.kernels.backward_images`, compiled (or loaded from the
-        cache) on first use. Needs a workspace (any batch size: the types are the same)."""
-        if backward not in self._addresses:
-            dispatcher = kernels.backward_images if backward else kernels.forward_images
-            self._addresses[backward] = kernels.KernelAddress(dispatcher, self._per_thread_args(backward))
-        return self._addresses[backward]
+    def per_thread(self, name: str) -> kernels.KernelAddress:
+        """The per-thread pass ``name`` (a key of :data:`PER_THREAD_PASSES`) that
+        :func:`~numpylenet.kernels.on_threads` runs, compiled (or loaded from the cache) on first
+        use. Needs a workspace (any batch size: the types are the same)."""
+        if name not in self._addresses:
+            self._addresses[name] = kernels.KernelAddress(PER_THREAD_PASSES[name], self.per_thread_args())
+        return self._addresses[name]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits (N, 10) for x (N, 1, 32, 32), a floating-point array of any float dtype."""
@@ -185,10 +185,14 @@ class NumbaLeNet5:
         return loss
 
     def _forward_pass(self, work: kernels.Workspace) -> None:
-        kernels.lenet_forward(self.per_thread(False), self.flat_data, self.codes, work)
+        self._on_threads("forward", work, False)
 
     def _backward_pass(self, work: kernels.Workspace, input_grad: bool) -> None:
-        kernels.lenet_backward(self.per_thread(True), self.flat_data, self.flat_grad, self.codes, work, input_grad)
+        self._on_threads("backward", work, input_grad)
+        self._on_threads("weight_grads", work, input_grad)     # needs every thread's backward done
+
+    def _on_threads(self, name: str, work: kernels.Workspace, input_grad: bool) -> None:
+        kernels.on_threads(self.per_thread(name), self.flat_data, self.flat_grad, self.codes, work, input_grad)
 
     @classmethod
     def compile(cls, dtype, optimizer: str | None = None, helper_process: bool = True,
@@ -202,7 +206,7 @@ class NumbaLeNet5:
         Compiling is what a fresh machine waits for (:data:`numpylenet.backend.COMPILE_SECONDS`).
         Numba compiles on one core, so when the backward pass is not in the cache yet (and
         ``helper_process``), a helper process compiles it into the cache while this one compiles
-        the rest, and this one then loads it: on two cores ~11 s instead of ~18 s one after the other.
+        the rest, and this one then loads it: on two cores ~7 s instead of ~12.5 s one after the other.
         Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
         ``affine_augmentation`` also compiles the kernel of :func:`numpylenet.augment.warp_bilinear`
         for ``dtype`` (a run with affine augmentation meets it at its first batch), in the
@@ -217,7 +221,7 @@ class NumbaLeNet5:
             helper = _start_helper(dtype, affine_augmentation)
         try:
             engine.forward(optimizer)
-            engine.parallel_backward()
+            engine.engine.per_thread("weight_grads")
         finally:
             if helper is not None:
                 helper.wait()
@@ -235,13 +239,18 @@ def _start_helper(dtype: np.dtype, affine_augmentation: bool) -> subprocess.Pope
     program = (f"import sys\nsys.path.insert(0, {package_folder!r})\n"
                f"from {__name__} import _CompileRun\n"
                f"run = _CompileRun({dtype.name!r})\n"
-               "run.engine.per_thread(backward=True)\n"
+               "run.engine.per_thread('backward')\n"
                + ("run.affine_augmentation()\n" if affine_augmentation else ""))
     try:
         return subprocess.Popen([sys.executable, "-c", program],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:
         return None
+
+
+# The per-thread passes that kernels.on_threads runs, by name.
+PER_THREAD_PASSES = {"forward": kernels.forward_images, "backward": kernels.backward_images,
+                     "weight_grads": kernels.weight_grads}
 
 
 class _CompileRun:
@@ -255,8 +264,8 @@ class _CompileRun:
                                   np.zeros(kernels.NUM_PARAMETERS, self.dtype))
         self.images = np.zeros((2, 1, kernels.INPUT_SIZE, kernels.INPUT_SIZE), self.dtype)
         self.engine._workspace(len(self.images))
-        # backward_images' signature: what lenet_backward receives it as, and its cache key
-        self.backward_signature = kernels.KernelAddress.signature_of(self.engine._per_thread_args(True))
+        # backward_images' signature (every per-thread pass's), and its cache key
+        self.backward_signature = kernels.KernelAddress.signature_of(self.engine.per_thread_args())
 
     def backward_wants_compiling_into_the_cache(self) -> bool:
         """Whether Numba caches kernels on disk here and its cache does not hold the backward
@@ -272,13 +281,6 @@ class _CompileRun:
         from .augment import warp_bilinear
 
         warp_bilinear(np.zeros((1, 2, 2), self.dtype), np.eye(2, 3)[np.newaxis])
-
-    def parallel_backward(self) -> None:
-        """Compile the backward pass's parallel kernel (not its per-thread kernel, which it
-        receives by address and so needs only the type of)."""
-        engine = self.engine
-        kernels.lenet_backward.compile((types.FunctionType(self.backward_signature), *(typeof(arg) for arg in (
-            engine.flat_data, engine.flat_grad, engine.codes, engine.work, True))))
 
     def forward(self, optimizer: str | None) -> None:
         """The forward pass, the loss kernel and ``optimizer``'s step (None: both optimisers)."""
@@ -321,7 +323,7 @@ def fused_sgd_step(data: np.ndarray, grad: np.ndarray, momentum_buffer: np.ndarr
 def warmup(dtypes: Iterable = DTYPE_NAMES, helper_process: bool = True) -> float:
     """Compile (or load from the on-disk cache) every kernel for each dtype (by default float32
     and float64; ``helper_process`` as in :meth:`NumbaLeNet5.compile`); return the seconds it
-    took: about eleven seconds a dtype the first time, well under a second once Numba's cache holds
+    took: about seven seconds a dtype the first time, well under a second once Numba's cache holds
     them."""
     start = time.perf_counter()
     for dtype in dtypes:

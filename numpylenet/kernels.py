@@ -16,7 +16,7 @@ the work happens, never *what* is computed. Each layer of the network has its pa
 | pool | `layers.AvgPool2d`, `layers.MaxPool2d` | `pool_forward`, `pool_activation_backward` | NHWC | |
 | flatten | `layers.Flatten` | none [5] | | |
 | loss | `loss.softmax_cross_entropy` | `softmax_cross_entropy` | (N, 10), into the workspace | |
-| network | `model.LeNet5.forward`, `model.LeNet5.backward` | `lenet_forward`, `lenet_backward` | [6] | all |
+| network | `model.LeNet5.forward`, `model.LeNet5.backward` | `forward_images`, `backward_images`, `weight_grads`, run by `on_threads` | [6] | all |
 | Adam | `optim.Adam.step` | `adam_step` | flat buffer | all ten |
 | SGD | `optim.SGD.step` | `sgd_step` | flat buffer | all ten |
 
@@ -27,7 +27,8 @@ sub-batch of 4 images, against its weight reordered (i, j, c); its pooled output
 torch's (c, h, w) order. [4] conv3's 5x5 kernel covers its whole 5x5 input: one window, so im2col
 would only copy, and the convolution is a dense layer on the 400 flattened inputs. [5] pool2 is
 stored in torch's order, so it is conv3's (N, 400) input as it stands. [6] One slice of the batch
-per thread, carried through every layer `SUB_BATCH` images at a time; one parallel region per pass.
+per thread, carried through every layer `SUB_BATCH` images at a time; one parallel region per pass
+(forward; backward; the dense layers' weight gradients).
 
 The activation (any of three) and the pooling (either) are chosen at run time by :class:`Codes`
 and run inside the layer kernel before them. So a layer's forward kernel returns its output after
@@ -54,16 +55,28 @@ How the work is placed:
   feed products with only six rows; :func:`conv1_forward` sums each output where it stands, with
   bias, activation and pooling in the same pass, and :func:`conv1_backward` forms dL/dW and
   dL/dx from the image in place.
-* **Named work buffers.** Every array the two passes write lives in one :class:`Workspace`, built
+* **Named work buffers.** Every array the passes write lives in one :class:`Workspace`, built
   by :func:`make_workspace` for a batch size and a thread count; every size in it follows from
   :data:`PARAMETER_SHAPES`.
 
 Every kernel is compiled with ``cache=True`` and NumPy's error model; the pointwise, pooling and
-conv1 kernels also with ``fastmath``, which lets LLVM vectorise them by assuming that no value is
-NaN or infinite. On such values these kernels therefore follow no rule: where the NumPy layers
+conv1 kernels, and the forward and backward passes, also with ``fastmath``, which lets LLVM
+vectorise them by assuming that no value is NaN or infinite. On such values these kernels therefore follow no rule: where the NumPy layers
 route gradients at NaN exactly as torch does (ReLU passes it, max pooling picks the last NaN), the
 kernels' choice is unspecified. A NaN there means training has already diverged, and the trainer
-stops at the first non-finite loss. Importing this module compiles nothing and starts no threads:
+stops at the first non-finite loss.
+
+The layer kernels that the per-thread passes call (conv1's, conv2's, the dense layers') are
+compiled with ``inline='always'``: Numba writes their code into the pass that calls them, where
+it is compiled once, instead of compiling each on its own first (LLVM optimising and emitting it
+once alone and again inside the pass): the first compile on an empty cache went from 8.5 s to
+7.2 s. The inlined code takes the pass's flags (the passes are ``fastmath`` for conv1's sake; the
+other layer kernels do their arithmetic in kernels they call, which keep their own). Called from
+Python, as the tests call them, they compile on their own as any kernel. The small kernels that
+several layers call (im2col, gemm, pooling, activation) stay ordinary calls: inlined, Numba
+would type their code again at every call site, which measured slower to compile.
+
+Importing this module compiles nothing and starts no threads:
 :mod:`numpylenet.engine` starts Numba's thread pool when the first engine is built, and
 :func:`numpylenet.engine.warmup` compiles (or loads) every kernel.
 """
@@ -86,7 +99,7 @@ __all__ = [
     "pool_forward", "pool_activation_backward", "conv1_forward", "conv1_backward", "conv2_forward",
     "conv2_backward", "dense_forward", "dense_backward", "dense_weight_grad", "Parameters", "parameter_views",
     "Workspace", "make_workspace", "KernelAddress", "forward_images", "backward_images",
-    "lenet_forward", "lenet_backward", "softmax_cross_entropy", "adam_step", "sgd_step",
+    "weight_grads", "on_threads", "softmax_cross_entropy", "adam_step", "sgd_step",
 ]
 
 
@@ -131,7 +144,7 @@ _SIZES = tuple(int(np.prod(shape)) for _, shape in PARAMETER_SHAPES)
 _OFFSETS = tuple(int(o) for o in np.concatenate([[0], np.cumsum(_SIZES)]))
 NUM_PARAMETERS = _OFFSETS[-1]                       # 61,706
 # conv1's and conv2's parameters, first in the flat buffer: the part of dL/dW that each thread
-# forms for its own images (a dense layer's is one product over the whole batch, see lenet_backward).
+# forms for its own images (a dense layer's is one product over the whole batch, see weight_grads).
 CONV_PARAMETERS = _OFFSETS[4]                       # 2,572
 # Each weight as the kernels use it: conv weights (C_out, C_in kh kw), in torch's (c, i, j) order.
 _WEIGHT_MATRICES = tuple((shape[0], int(np.prod(shape[1:]))) for name, shape in PARAMETER_SHAPES
@@ -478,7 +491,7 @@ def _add_column_sums(matrix, out):
 # rows: computed, never used, and their gradient is 0.
 
 
-@kernel(fastmath=True)
+@kernel(fastmath=True, inline='always')
 def conv1_forward(x, conv1, codes, y, pooled):
     """conv1's forward pass: :class:`numpylenet.layers.Conv2d` (one input channel, 5x5), then the
     activation and the 2x2 pooling, in one pass over the image::
@@ -534,7 +547,7 @@ def conv1_forward(x, conv1, codes, y, pooled):
                     pooled[n, ph, pw, c] = result if pool == MAX else result * scale
 
 
-@kernel(fastmath=True)
+@kernel(fastmath=True, inline='always')
 def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, input_grad):
     """conv1's backward pass (:meth:`numpylenet.layers.Conv2d.backward` after the pooling's and the
     activation's), from dL/d(pooled) in the row layout of :func:`conv1_forward`::
@@ -559,15 +572,39 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
     """
     weight = conv1[0]
     grad_weight, grad_bias = grad_conv1
+    activation, pool = codes
     n_images, channels, out_h, width = _unsigned_shape(y)
+    pooled_h, pooled_w = np.uint64(grad_pooled.shape[1]), np.uint64(grad_pooled.shape[2])
     span = (out_h - _ONE) * width + width - np.uint64(KERNEL - 1)
     zero = y.dtype.type(0)
+    scale = y.dtype.type(1.0 / (POOL * POOL))
     for n in range(n_images):
-        pool_activation_backward(grad_pooled[n:n + 1], channels_last(y[n:n + 1]), codes,
-                                 POOL_WINDOW, channels_last(grad_z[np.newaxis]))
         image = x[n, 0].ravel()
         for c in range(channels):
-            dz = grad_z[c].ravel()
+            # pool_activation_backward in the row layout, in two passes: first the pooling's
+            # backward (avg: grad / 4 to each pixel of the window; max: grad to the first pixel
+            # holding the maximum, as torch), 0 off every window; then, over the whole channel,
+            # times f' (activation_backward). With the activation's branch out of the pooling's
+            # loops, both passes vectorise (conv1's whole backward: 8.1 -> 7.4 us an image).
+            dz, z = grad_z[c].ravel(), y[n, c].ravel()
+            dz[:] = 0
+            for ph in range(pooled_h):
+                for pw in range(pooled_w):
+                    corner = (ph * width + pw) * np.uint64(POOL)
+                    grad = grad_pooled[n, ph, pw, c]
+                    if pool == AVG:
+                        for i in range(POOL):
+                            for j in range(POOL):
+                                dz[corner + np.uint64(i) * width + np.uint64(j)] = grad * scale
+                    else:
+                        winner = corner
+                        for i in range(POOL):
+                            for j in range(POOL):
+                                position = corner + np.uint64(i) * width + np.uint64(j)
+                                if z[position] > z[winner]:
+                                    winner = position
+                        dz[winner] = grad
+            activation_backward(grad_z[c], y[n, c], activation)
             total = zero
             for p in range(span):
                 total += dz[p]
@@ -597,19 +634,19 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
             grad_image[:] = 0
             for c in range(channels):
                 dz = grad_z[c].ravel()
-                for i in range(KERNEL):
-                    for j in range(KERNEL):
-                        tap = np.uint64(i) * width + np.uint64(j)
-                        w = weight[c, i * KERNEL + j]
-                        for p in range(span):
-                            grad_image[p + tap] += w * dz[p]
+                for k in range(weight.shape[1]):   # the 25 taps, by a loop that LLVM keeps
+                    i, j = divmod(k, KERNEL)        # rolled: unrolled, 25 copies of the vectorised
+                    tap = np.uint64(i) * width + np.uint64(j)    # p loop cost 0.4 s of compiling
+                    w = weight[c, k]
+                    for p in range(span):
+                        grad_image[p + tap] += w * dz[p]
 
 
 # --------------------------------------------------------------------------------------------
 # conv2: channels-last im2col and one matrix product, fused with activation and pooling
 # --------------------------------------------------------------------------------------------
 
-@kernel
+@kernel(inline='always')
 def conv2_forward(x, conv2, codes, cols, y, pooled):
     """conv2's forward pass: :class:`numpylenet.layers.Conv2d` (5x5) as im2col and one product,
     then bias + activation on the product and the 2x2 pooling, all channels-last::
@@ -643,7 +680,7 @@ def conv2_forward(x, conv2, codes, cols, y, pooled):
     pool_forward(y, pool, POOL_WINDOW, channels_last(pooled))
 
 
-@kernel
+@kernel(inline='always')
 def conv2_backward(grad_pooled, x, y, conv2, codes, grad_conv2, cols, grad_z, grad_x):
     """conv2's backward pass (:meth:`numpylenet.layers.Conv2d.backward` after the pooling's and
     the activation's), channels-last as :func:`conv2_forward`::
@@ -683,7 +720,7 @@ def conv2_backward(grad_pooled, x, y, conv2, codes, grad_conv2, cols, grad_z, gr
 # Dense layers: conv3 (one window), fc1, fc2
 # --------------------------------------------------------------------------------------------
 
-@kernel
+@kernel(inline='always')
 def dense_forward(x, layer, activation, y):
     """A dense layer's forward pass, :class:`numpylenet.layers.Linear` then the activation
     (IDENTITY for fc2)::
@@ -705,7 +742,7 @@ def dense_forward(x, layer, activation, y):
     bias_activation(y, bias, activation)
 
 
-@kernel
+@kernel(inline='always')
 def dense_backward(grad_y, y, layer, activation, grad_x):
     """A dense layer's backward pass, per image: the activation's, then the input-gradient half of
     :meth:`numpylenet.layers.Linear.backward` (for conv3, :meth:`~numpylenet.layers.Conv2d.backward`
@@ -727,7 +764,7 @@ def dense_backward(grad_y, y, layer, activation, grad_x):
     gemm(grad_y, layer[0], grad_x, False, False)           # dx = dZ @ W
 
 
-@kernel
+@kernel(inline='always')
 def dense_weight_grad(grad_z, x, grad_layer, part, parts):
     """The weight-gradient half of :meth:`numpylenet.layers.Linear.backward` (for conv3, of
     :meth:`~numpylenet.layers.Conv2d.backward` on its single window), over the whole batch, for the rows ``part * out // parts`` up to ``(part + 1) * out // parts`` of the layer's weight::
@@ -852,8 +889,8 @@ def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
 # The whole network: LeNet5.forward and LeNet5.backward
 # --------------------------------------------------------------------------------------------
 
-# The two parallel kernels take the per-thread network (forward_images, backward_images) as an
-# argument, a function pointer, instead of calling it by name. Called by name, Numba would link the
+# The parallel kernel, on_threads, takes the per-thread pass (forward_images, backward_images,
+# weight_grads) as an argument, a function pointer, instead of calling it by name. Called by name, Numba would link the
 # whole network's code into the parallel kernel's module, and into each of the three modules that
 # a parallel loop adds (the loop body, its gufunc wrapper, the thread launcher), optimising and
 # emitting it again in each: 18 of the 37 s that compiling took on an empty cache. Called through
@@ -893,12 +930,25 @@ def _typeof_kernel_address(value, context):
     return value.numba_type
 
 
+# Every per-thread pass has this one signature, so that one parallel kernel, on_threads, runs them
+# all: each parallel kernel took 1.3 s (one loop) to 2.9 s (two) to compile (the loop body, its gufunc
+# wrapper and the thread launcher are three more modules). A pass ignores what it does not use.
+
 @kernel
-def forward_images(flat_params, codes, work, t, lo, hi):
-    """:func:`lenet_forward` for thread t: images lo:hi of the batch, the thread's own scratch
-    (entry t of each per-thread array of ``work``). Reads like :meth:`numpylenet.LeNet5.forward`:
-    conv1 and conv2 SUB_BATCH images at a time, then conv3, fc1 and fc2 on all of them."""
+def _images_of(work, t, threads):
+    """(lo, hi): the slice of the batch's images that thread t of ``threads`` carries."""
+    n_images = work.x.shape[0]
+    return t * n_images // threads, (t + 1) * n_images // threads
+
+
+@kernel(fastmath=True)
+def forward_images(flat_params, flat_grad, codes, work, t, threads, input_grad):
+    """The forward pass of thread t: its images lo:hi of the batch, its own scratch (entry t of
+    each per-thread array of ``work``). Reads like :meth:`numpylenet.LeNet5.forward`: conv1 and
+    conv2 SUB_BATCH images at a time, then conv3, fc1 and fc2 on all of them. (``flat_grad`` and
+    ``input_grad``: unused.)"""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
+    lo, hi = _images_of(work, t, threads)
     for start in range(lo, hi, SUB_BATCH):
         images = slice(start, min(start + SUB_BATCH, hi))
         conv1_forward(work.x[images], params.conv1, codes, y=work.conv1[images], pooled=work.pool1[images])
@@ -911,34 +961,16 @@ def forward_images(flat_params, codes, work, t, lo, hi):
     dense_forward(work.fc1[mine], params.fc2, np.int64(IDENTITY), y=work.logits[mine])
 
 
-@kernel(parallel=True)
-def lenet_forward(per_thread, flat_params, codes, work):
-    """:meth:`numpylenet.LeNet5.forward`: logits ``work.logits`` (N, 10) for the images ``work.x``
-    (N, 1, 32, 32), storing in ``work`` every activation the backward pass needs.
-
-    Each thread t runs the network on images lo:hi (:func:`forward_images`).
-
-    Parameters
-    ----------
-    per_thread : :func:`forward_images`, passed by address as a :class:`KernelAddress`
-    flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
-    codes : Codes
-    work : Workspace, :func:`make_workspace`'s for N images and T threads
-    """
-    n_images, threads = work.x.shape[0], work.cols2.shape[0]
-    permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
-    for thread in prange(threads):
-        t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
-        per_thread(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads)
-
-
-@kernel
-def backward_images(flat_params, codes, work, t, lo, hi, input_grad):
-    """:func:`lenet_backward` for thread t: images lo:hi of the batch, the thread's own scratch.
-    Reads like :meth:`numpylenet.LeNet5.backward`: fc2, fc1 and conv3 on all the images (dL/dz
-    and dL/dx: their dL/dW comes after, over the whole batch), then conv2 and conv1 SUB_BATCH
-    images at a time, ADDING their dL/dW into the thread's own ``work.conv_grads[t]``."""
+@kernel(fastmath=True)
+def backward_images(flat_params, flat_grad, codes, work, t, threads, input_grad):
+    """The backward pass of thread t, on its images lo:hi and its own scratch. Reads like
+    :meth:`numpylenet.LeNet5.backward`: fc2, fc1 and conv3 on all the images (dL/dz and dL/dx:
+    their dL/dW comes after, over the whole batch, in :func:`weight_grads`), then conv2 and conv1
+    SUB_BATCH images at a time, adding their dL/dW into the thread's own ``work.conv_grads[t]``,
+    zeroed first. (``flat_grad``: unused.)"""
     params = _with_conv2_weight(parameter_views(flat_params), work.conv2_weight)
+    lo, hi = _images_of(work, t, threads)
+    work.conv_grads[t] = 0
     conv1_grads = _layer_views(work.conv_grads[t], _LAYER_PLACES[0])
     conv2_grad_weight, conv2_grad_bias = _layer_views(work.conv_grads[t], _LAYER_PLACES[1])  # (c, i, j) order
     conv2_grads = (work.grad_conv2_weight[t], conv2_grad_bias)     # the weight's in (i, j, c) order
@@ -963,59 +995,57 @@ def backward_images(flat_params, codes, work, t, lo, hi, input_grad):
 
 
 @kernel
-def dense_weight_grads(work, flat_grad, part, parts):
-    """Every dense layer's dL/dW over the whole batch, rows ``part`` of ``parts`` of each, added
-    into ``flat_grad`` (:func:`dense_weight_grad` for fc2, fc1 and conv3), from the dL/dz and the
-    inputs that the passes left in ``work``."""
+def weight_grads(flat_params, flat_grad, codes, work, t, threads, input_grad):
+    """The end of :meth:`numpylenet.LeNet5.backward`: thread t's share of the weight gradients,
+    once every thread's :func:`backward_images` is done, added into ``flat_grad``: rows part t of ``threads`` of each dense layer's dL/dW over
+    the whole batch (:func:`dense_weight_grad` for fc2, fc1 and conv3: one product over all N
+    images, from the dL/dz and the inputs that the passes left in ``work``, and no per-thread
+    copy of those 59,000 entries to zero and sum), and part t of the sum of the threads' conv1
+    and conv2 gradients ``work.conv_grads``. (``flat_params``, ``codes``, ``input_grad``: unused.)"""
     grads = parameter_views(flat_grad)
     pool2 = work.pool2.reshape(work.pool2.shape[0], -1)     # conv3's input
-    dense_weight_grad(work.grad_logits, work.fc1, grads.fc2, part, parts)
-    dense_weight_grad(work.grad_fc1, work.conv3, grads.fc1, part, parts)
-    dense_weight_grad(work.grad_conv3, pool2, grads.conv3, part, parts)
+    dense_weight_grad(work.grad_logits, work.fc1, grads.fc2, t, threads)
+    dense_weight_grad(work.grad_fc1, work.conv3, grads.fc1, t, threads)
+    dense_weight_grad(work.grad_conv3, pool2, grads.conv3, t, threads)
+    conv_grads, entries = work.conv_grads, work.conv_grads.shape[1]
+    # flat_grad += (the threads' sum), for conv1 and conv2: one addition per step, as the reference.
+    for i in range(t * entries // threads, (t + 1) * entries // threads):
+        total = conv_grads[0, i]
+        for other in range(1, conv_grads.shape[0]):
+            total += conv_grads[other, i]
+        flat_grad[i] += total
 
 
 @kernel(parallel=True)
-def lenet_backward(per_thread, flat_params, flat_grad, codes, work, input_grad):
-    """:meth:`numpylenet.LeNet5.backward` from dL/dlogits ``work.grad_logits`` (N, 10), using
-    what :func:`lenet_forward` stored in ``work``.
+def on_threads(per_thread, flat_params, flat_grad, codes, work, input_grad):
+    """Run a per-thread pass on every thread t of ``work`` (T threads, one parallel region):
+    ``per_thread(flat_params, flat_grad, codes, work, t, T, input_grad)``, after reordering
+    conv2's weight into ``work.conv2_weight`` for the threads to share.
 
-    Adds dL/dW to ``flat_grad`` and, if ``input_grad``, writes dL/dx into ``work.grad_x``. Two
-    parallel loops:
+    The whole network (:meth:`numpylenet.LeNet5.forward` and ``backward``) is three such regions
+    (:class:`numpylenet.engine.NumbaLeNet5` runs them):
 
-    1. each thread runs the network backward on images lo:hi (:func:`backward_images`), adding
-       conv1's and conv2's dL/dW into its own zeroed ``work.conv_grads[t]``;
-    2. with every image's dL/dz ready, each thread forms its share of the rows of each dense
-       layer's dL/dW over the whole batch, straight into flat_grad
-       (:func:`dense_weight_grad`: one product over all N images, and no per-thread copy of
-       those 59,000 entries to zero and sum), and adds its share of the threads' conv gradients.
+    1. :func:`forward_images`: logits ``work.logits`` (N, 10) for the images ``work.x``
+       (N, 1, 32, 32), storing in ``work`` every activation the backward pass needs;
+    2. :func:`backward_images`, from dL/dlogits ``work.grad_logits`` (N, 10): every image's dL/dz,
+       conv1's and conv2's dL/dW per thread, and, if ``input_grad``, dL/dx into ``work.grad_x``;
+    3. :func:`weight_grads`: with every image's dL/dz ready, the dL/dW of the dense layers, and
+       the threads' conv gradients summed, added into ``flat_grad``.
 
     Parameters
     ----------
-    per_thread : :func:`backward_images`, passed by address as a :class:`KernelAddress`
+    per_thread : one of the three passes, by address as a :class:`KernelAddress`
     flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
-    flat_grad : ndarray, shape (NUM_PARAMETERS,), the model's flat gradient; added to.
+    flat_grad : ndarray, shape (NUM_PARAMETERS,), the model's flat gradient
     codes : Codes
-    work : Workspace, as lenet_forward left it, with ``work.grad_logits`` (N, 10) = dL/dlogits
+    work : Workspace, :func:`make_workspace`'s for N images and T threads
     input_grad : bool
     """
-    n_images, threads = work.x.shape[0], work.cols2.shape[0]
+    threads = work.cols2.shape[0]
     permute_conv_weight(parameter_views(flat_params).conv2[0], KERNEL_AREA, work.conv2_weight)
-    conv_grads = work.conv_grads
     for thread in prange(threads):
-        t = np.int64(thread)        # prange's index is unsigned once parallel: one signature below
-        conv_grads[t, :] = 0
-        per_thread(flat_params, codes, work, t, t * n_images // threads, (t + 1) * n_images // threads,
-                   input_grad)
-    entries = conv_grads.shape[1]
-    for thread in prange(threads):
-        t = np.int64(thread)
-        dense_weight_grads(work, flat_grad, t, threads)
-        # flat_grad += (the threads' sum), for conv1 and conv2: one addition per step, as the reference.
-        for i in range(t * entries // threads, (t + 1) * entries // threads):
-            total = conv_grads[0, i]
-            for other in range(1, threads):
-                total += conv_grads[other, i]
-            flat_grad[i] += total
+        # prange's index is unsigned once parallel: np.int64 keeps one signature for the passes
+        per_thread(flat_params, flat_grad, codes, work, np.int64(thread), threads, input_grad)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ class LeNet5:
         fc2    (N, 10)          the logits (softmax lives in the loss)
 
     The backward pass runs the layers in reverse, each turning dL/d(output) into dL/d(input).
-    Numba counterparts (``backend="numba"``): ``kernels.lenet_forward`` and
-    ``kernels.lenet_backward``, the same layers as one pair of fused kernels per layer.
+    Numba counterparts (``backend="numba"``): ``kernels.forward_images``,
+    ``kernels.backward_images`` and ``kernels.weight_grads`` (each run on every thread by
+    ``kernels.on_threads``), the same layers as one pair of fused kernels per layer.
 
     All 61,706 parameters live in one contiguous buffer, ``flat_data`` (torch's named order), and
     their gradients in ``flat_grad``; each Parameter's ``.data`` and ``.grad`` are views into them

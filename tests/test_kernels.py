@@ -263,7 +263,7 @@ def check_dense(activation, shape, dtype=np.float64, parts=1):
     grad_x = np.full(x.shape, np.nan, dtype)
     grad_z = grad_y.copy()
     kernels.dense_backward(grad_z, y, layer, code, grad_x=grad_x)
-    for part in range(parts):       # rows split as lenet_backward's threads split them
+    for part in range(parts):       # rows split as weight_grads' threads split them
         kernels.dense_weight_grad(grad_z, x, grad_layer, part, parts)
     assert_close(f"dense {activation} {shape} in {parts} parts", {
         "y": (y, y_ref), "grad_x": (grad_x, grad_x_ref),
@@ -679,14 +679,14 @@ def test_compile_prepares_only_the_runs_optimizer(optimizer, unused):
                f"NumbaLeNet5.compile(np.float32, {optimizer!r})\n"
                f"assert len(kernels.{used}.signatures) == 1\n"
                f"assert not kernels.{unused}.signatures, 'compiled the other optimiser too'\n"
-               "passes = (kernels.lenet_forward, kernels.lenet_backward)\n"
-               "assert [len(kernel.signatures) for kernel in passes] == [1, 1]\n"
+               "passes = (kernels.on_threads, kernels.forward_images, kernels.backward_images, kernels.weight_grads)\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1]\n"
                "model = LeNet5(seed=0, backend='numba')\n"
                f"optimizer = {{'sgd': SGD, 'adam': Adam}}[{optimizer!r}](model.parameters(), lr=0.1)\n"
                "logits = model.forward(np.zeros((5, 1, 32, 32), np.float32))\n"
                "model.backward(softmax_cross_entropy(logits, np.arange(5))[1], input_grad=False)\n"
                "optimizer.step()\n"
-               "assert [len(kernel.signatures) for kernel in passes] == [1, 1], 'a step compiled more'\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1], 'a step compiled more'\n"
                f"assert len(kernels.{used}.signatures) == 1 and not kernels.{unused}.signatures\n")
 
 
@@ -699,7 +699,8 @@ def test_warmup_compiles_everything_a_training_step_runs():
     """After warmup, training steps of both dtypes and both optimisers compile nothing new."""
     seconds = engine.warmup()
     assert isinstance(seconds, float) and seconds >= 0
-    dispatchers = (kernels.lenet_forward, kernels.lenet_backward, kernels.adam_step, kernels.sgd_step)
+    dispatchers = (kernels.on_threads, kernels.forward_images, kernels.backward_images, kernels.weight_grads,
+                   kernels.adam_step, kernels.sgd_step)
     compiled = [len(dispatcher.signatures) for dispatcher in dispatchers]
     for dtype in DTYPES:
         for make_optimizer in (OPTIMIZERS["adam"], OPTIMIZERS["sgd_nesterov"], OPTIMIZERS["sgd"]):
@@ -732,13 +733,15 @@ def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path)
                "    return sum(dispatcher.stats.cache_hits.values()), sum(dispatcher.stats.cache_misses.values())\n"
                "assert counts(kernels.backward_images) == (1, 0), counts(kernels.backward_images)\n"
                "assert counts(warp_bilinear_kernel) == (1, 0), counts(warp_bilinear_kernel)\n"
-               "assert counts(kernels.forward_images) == (0, 1) and counts(kernels.lenet_backward) == (0, 1)\n"
+               "for compiled_here in (kernels.forward_images, kernels.weight_grads, kernels.on_threads):\n"
+               "    assert counts(compiled_here) == (0, 1), (compiled_here, counts(compiled_here))\n"
                "model = LeNet5(seed=0, backend='numba')\n"
                "optimizer = Adam(model.parameters(), lr=0.1)\n"
                "x = np.random.default_rng(0).random((5, 1, 32, 32), np.float32)\n"
                "model.forward_backward(x, np.arange(5))\n"
                "optimizer.step()\n"
-               "assert [len(k.signatures) for k in (kernels.lenet_forward, kernels.lenet_backward)] == [1, 1]\n"
+               "passes = (kernels.on_threads, kernels.forward_images, kernels.backward_images, kernels.weight_grads)\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1]\n"
                f"np.save({str(tmp_path / 'weights.npy')!r}, model.flat_buffers()[0])\n",
                env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
     model = LeNet5(seed=0, backend="numba")     # compiled by this test session, in one process
