@@ -119,13 +119,12 @@ def _numpy_backward(layers, grad):
 
 
 def _step(model, optimizer, x, labels) -> Callable[[], None]:
-    """One numpylenet training step, exactly as numpylenet.loop.NumpyLearner.train_step runs it."""
-    from numpylenet import softmax_cross_entropy
+    """One numpylenet training step, exactly as numpylenet.loop.NumpyLearner.train_step runs it
+    (forward, loss and backward in ``forward_backward``: no dL/dx)."""
 
     def step():
         model.zero_grad()
-        _, grad_logits = softmax_cross_entropy(model.forward(x), labels)
-        model.backward(grad_logits)
+        model.forward_backward(x, labels)
         optimizer.step()
 
     return step

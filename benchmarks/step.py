@@ -13,9 +13,9 @@ Numba and BLAS (``--threads``):
   :mod:`benchmarks.peers` - the whole step in one ``torch.compile``d function, and ``jax.jit`` of
   ``jax.grad`` plus ``optax.adam``. Each compiles per batch size on its first calls, before the
   timing; a peer that cannot run is skipped with a one-line reason;
-* numpylenet: ``model.zero_grad()``, ``softmax_cross_entropy(model.forward(x), labels)``,
-  ``model.backward(grad_logits, input_grad=False)``, ``Adam.step()``, as
-  :class:`numpylenet.loop.NumpyLearner` trains.
+* numpylenet: ``model.zero_grad()``, ``model.forward_backward(x, labels)`` (forward, softmax
+  cross-entropy, backward without dL/dx), ``Adam.step()``, exactly as
+  :meth:`numpylenet.loop.NumpyLearner.train_step` trains.
 
 All run round-robin in one process (median of ``--repeats``, see :mod:`benchmarks.common`). The
 tables give every framework's images/s and share of the machine's FP32 peak (a training step is
@@ -42,7 +42,7 @@ def step_functions(x: np.ndarray, labels: np.ndarray, state: dict[str, np.ndarra
     import torch
     import torch.nn.functional as F
 
-    from numpylenet import Adam, LeNet5, softmax_cross_entropy
+    from numpylenet import Adam, LeNet5
     from numpylenet.backend import numba_unavailable_reason
 
     state = peers.initial_state() if state is None else state
@@ -66,8 +66,7 @@ def step_functions(x: np.ndarray, labels: np.ndarray, state: dict[str, np.ndarra
 
         def numpylenet_step(model=model, optimizer=optimizer):
             model.zero_grad()
-            loss, grad_logits = softmax_cross_entropy(model.forward(x), labels)
-            model.backward(grad_logits, input_grad=False)     # training never needs dL/dx
+            loss = model.forward_backward(x, labels)      # as NumpyLearner.train_step: no dL/dx
             optimizer.step()
             return loss
 

@@ -179,11 +179,12 @@ def reference_conv_block(in_channels, out_channels, activation, pool, x, grad_po
     return y, pooled, grad_x, conv
 
 
-def check_conv1(activation, pool, shape, dtype=np.float64):
-    """conv1_forward / conv1_backward vs Conv2d(1, C, 5), the activation, 2x2 pooling."""
+def check_conv1(activation, pool, shape, dtype=np.float64, x=None):
+    """conv1_forward / conv1_backward vs Conv2d(1, C, 5), the activation, 2x2 pooling, on the
+    images ``x`` (default: random)."""
     n, h, w, channels = shape
     out_h, out_w = h - 4, w - 4
-    x = random((n, 1, h, w), dtype)
+    x = random((n, 1, h, w), dtype) if x is None else x
     grad_pooled = random((n, channels, out_h // 2, out_w // 2), dtype, seed=2)
     y_ref, pooled_ref, grad_x_ref, conv = reference_conv_block(1, channels, activation, pool, x,
                                                                lambda shape: grad_pooled, dtype)
@@ -209,6 +210,11 @@ def test_conv1_lenet_shape(activation, pool): check_conv1(activation, pool, (3, 
 @pytest.mark.parametrize("pool", POOL_NAMES)
 def test_conv1_odd_sizes_floor_mode(pool): check_conv1("tanh", pool, (2, 12, 9, 3))
 def test_conv1_batch1_float64(): check_conv1("relu", "max", (1, 32, 32, 6))
+def test_conv1_max_pool_ties_go_to_the_first_pixel():
+    # A blank image: every output of a channel is tanh(its bias), exactly, so every window is a
+    # tie, and tanh's derivative there is not 0: the gradient must reach each window's first
+    # pixel only, as in torch, which grad_x shows.
+    check_conv1("tanh", "max", (2, 11, 12, 3), x=np.zeros((2, 1, 11, 12)))
 
 
 def check_conv2(activation, pool, shape, dtype=np.float64):
