@@ -431,8 +431,8 @@ def pool_activation_backward(grad_out, y, codes, window, grad_z):
     The backward passes of :class:`numpylenet.layers.AvgPool2d` / ``MaxPool2d``, then of the
     activation. Pooling backward: avg gives each pixel of a window grad / (kh kw); max gives the
     whole gradient to the first pixel (row-major in the window) that holds the maximum, as torch.
-    Then the activation: grad_z = grad_y * f'(x), with f' computed from y = f(x).
-    Pixels outside every window (floor mode) get 0.
+    Pixels outside every window (floor mode) get 0. Then the activation: grad_z = grad_y * f'(x),
+    with f' computed from y = f(x) (:func:`activation_backward`, row by row).
 
     grad_out : (N, OH, OW, C) any strides;  y, grad_z : (N, H, W, C);  codes : :class:`Codes`;
     window : (kh, kw).
@@ -442,31 +442,28 @@ def pool_activation_backward(grad_out, y, codes, window, grad_z):
     n_images, height, width, channels = y.shape
     out_h, out_w = grad_out.shape[1], grad_out.shape[2]
     scale = y.dtype.type(1.0 / (kernel_h * kernel_w))
-    one = y.dtype.type(1)
     for n in range(n_images):
-        grad_z[n, out_h * kernel_h:, :, :] = 0
-        grad_z[n, :, out_w * kernel_w:, :] = 0
-        for c in range(channels):       # outermost: conv1's channel-major layout reads rows
-            for oh in range(out_h):
-                for ow in range(out_w):
-                    h0, w0 = oh * kernel_h, ow * kernel_w
-                    grad = grad_out[n, oh, ow, c]
-                    if pool == AVG:
+        grad_z[n] = 0               # off every window, and max pooling's losers
+        for oh in range(out_h):
+            for ow in range(out_w):
+                h0, w0 = oh * kernel_h, ow * kernel_w
+                # The channel loop innermost, over channels-last memory: it vectorises.
+                if pool == AVG:
+                    for i in range(kernel_h):
+                        for j in range(kernel_w):
+                            for c in range(channels):
+                                grad_z[n, h0 + i, w0 + j, c] = grad_out[n, oh, ow, c] * scale
+                else:
+                    for c in range(channels):
+                        best_i, best_j = 0, 0
                         for i in range(kernel_h):
                             for j in range(kernel_w):
-                                grad_z[n, h0 + i, w0 + j, c] = grad * scale * _derivative(
-                                    y[n, h0 + i, w0 + j, c], activation, one)
-                    else:
-                        best_i, best_j, best = 0, 0, y[n, h0, w0, c]
-                        for i in range(kernel_h):
-                            for j in range(kernel_w):
-                                if y[n, h0 + i, w0 + j, c] > best:
-                                    best_i, best_j, best = i, j, y[n, h0 + i, w0 + j, c]
-                        for i in range(kernel_h):
-                            for j in range(kernel_w):
-                                winner = i == best_i and j == best_j
-                                grad_z[n, h0 + i, w0 + j, c] = (
-                                    grad * _derivative(best, activation, one) if winner else 0)
+                                if y[n, h0 + i, w0 + j, c] > y[n, h0 + best_i, w0 + best_j, c]:
+                                    best_i, best_j = i, j
+                        grad_z[n, h0 + best_i, w0 + best_j, c] = grad_out[n, oh, ow, c]
+        # The activation's branch out of the pooling's loops, so that both vectorise.
+        for h in range(height):
+            activation_backward(grad_z[n, h], y[n, h], activation)
 
 
 @kernel(fastmath=True)
