@@ -3,9 +3,9 @@
 * :class:`NumbaLeNet5` runs a model's forward and backward passes as fused per-thread passes
   (:func:`~numpylenet.kernels.forward_images`, :func:`~numpylenet.kernels.backward_images`,
   :func:`~numpylenet.kernels.weight_grads`), each on every thread by the one parallel kernel
-  :func:`~numpylenet.kernels.on_threads`, reading the weights from the model's flat buffer and adding the gradients into its flat gradient
-  (see :meth:`numpylenet.LeNet5.flat_buffers`), in a :class:`~numpylenet.kernels.Workspace` built
-  once per batch size;
+  :func:`~numpylenet.kernels.on_threads`, reading the weights from the model's flat buffer and
+  adding the gradients into its flat gradient (see :meth:`numpylenet.LeNet5.flat_buffers`), in a
+  :class:`~numpylenet.kernels.Workspace` built once per batch size;
 * :func:`fused_adam_step` and :func:`fused_sgd_step` are :class:`numpylenet.Adam`'s and
   :class:`numpylenet.SGD`'s steps over that whole buffer in one loop (the optimisers call them
   when they were given exactly one such model's parameters);
@@ -27,7 +27,6 @@ from contextlib import contextmanager
 
 import numba
 import numpy as np
-
 from numba.core.caching import NullCache
 
 from . import kernels
@@ -206,7 +205,8 @@ class NumbaLeNet5:
         Compiling is what a fresh machine waits for (:data:`numpylenet.backend.COMPILE_SECONDS`).
         Numba compiles on one core, so when the backward pass is not in the cache yet (and
         ``helper_process``), a helper process compiles it into the cache while this one compiles
-        the rest, and this one then loads it: on two cores ~7 s instead of ~12.5 s one after the other.
+        the rest, and this one then loads it: on two cores ~7 s instead of ~12.5 s one after the
+        other.
         Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
         ``affine_augmentation`` also compiles the kernel of :func:`numpylenet.augment.warp_bilinear`
         for ``dtype`` (a run with affine augmentation meets it at its first batch), in the

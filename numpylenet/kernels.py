@@ -61,10 +61,10 @@ How the work is placed:
 
 Every kernel is compiled with ``cache=True`` and NumPy's error model; the pointwise, pooling and
 conv1 kernels, and the forward and backward passes, also with ``fastmath``, which lets LLVM
-vectorise them by assuming that no value is NaN or infinite. On such values these kernels therefore follow no rule: where the NumPy layers
-route gradients at NaN exactly as torch does (ReLU passes it, max pooling picks the last NaN), the
-kernels' choice is unspecified. A NaN there means training has already diverged, and the trainer
-stops at the first non-finite loss.
+vectorise them by assuming that no value is NaN or infinite. On such values these kernels
+therefore follow no rule: where the NumPy layers route gradients at NaN exactly as torch does
+(ReLU passes it, max pooling picks the last NaN), the kernels' choice is unspecified. A NaN
+there means training has already diverged, and the trainer stops at the first non-finite loss.
 
 The layer kernels that the per-thread passes call (conv1's, conv2's, the dense layers') are
 compiled with ``inline='always'``: Numba writes their code into the pass that calls them, where
@@ -764,7 +764,8 @@ def dense_backward(grad_y, y, layer, activation, grad_x):
 @kernel(inline='always')
 def dense_weight_grad(grad_z, x, grad_layer, part, parts):
     """The weight-gradient half of :meth:`numpylenet.layers.Linear.backward` (for conv3, of
-    :meth:`~numpylenet.layers.Conv2d.backward` on its single window), over the whole batch, for the rows ``part * out // parts`` up to ``(part + 1) * out // parts`` of the layer's weight::
+    :meth:`~numpylenet.layers.Conv2d.backward` on its single window), over the whole batch, for
+    the rows ``part * out // parts`` up to ``(part + 1) * out // parts`` of the layer's weight::
 
         dW[rows] += dZ[:, rows]^T @ x;   db[rows] += sum_n dZ[n, rows]
 
@@ -887,13 +888,14 @@ def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
 # --------------------------------------------------------------------------------------------
 
 # The parallel kernel, on_threads, takes the per-thread pass (forward_images, backward_images,
-# weight_grads) as an argument, a function pointer, instead of calling it by name. Called by name, Numba would link the
-# whole network's code into the parallel kernel's module, and into each of the three modules that
-# a parallel loop adds (the loop body, its gufunc wrapper, the thread launcher), optimising and
-# emitting it again in each: 18 of the 37 s that compiling took on an empty cache. Called through
-# a pointer, each of those modules holds a few loops, and the network is compiled once. The price
-# is in the dispatch from Python, which hands Numba the pointer: about 5 us per pass, invisible in
-# a training step (~1 ms), visible in the latency of a single image (36 -> 43 us).
+# weight_grads) as an argument, a function pointer, instead of calling it by name. Called by name,
+# Numba would link the whole network's code into the parallel kernel's module, and into each of the
+# three modules that a parallel loop adds (the loop body, its gufunc wrapper, the thread launcher),
+# optimising and emitting it again in each: 18 of the 37 s that compiling took on an empty cache.
+# Called through a pointer, each of those modules holds a few loops, and the network is compiled
+# once. The price is in the dispatch from Python, which hands Numba the pointer: about 5 us per
+# pass, invisible in a training step (~1 ms), visible in the latency of a single image
+# (36 -> 43 us).
 
 class KernelAddress(types.WrapperAddressProtocol):
     """A compiled kernel, handed to another kernel as a function pointer.
@@ -928,8 +930,9 @@ def _typeof_kernel_address(value, context):
 
 
 # Every per-thread pass has this one signature, so that one parallel kernel, on_threads, runs them
-# all: each parallel kernel took 1.3 s (one loop) to 2.9 s (two) to compile (the loop body, its gufunc
-# wrapper and the thread launcher are three more modules). A pass ignores what it does not use.
+# all: each parallel kernel took 1.3 s (one loop) to 2.9 s (two) to compile (the loop body, its
+# gufunc wrapper and the thread launcher are three more modules). A pass ignores what it does not
+# use.
 
 @kernel
 def _images_of(work, t, threads):
@@ -994,11 +997,12 @@ def backward_images(flat_params, flat_grad, codes, work, t, threads, input_grad)
 @kernel
 def weight_grads(flat_params, flat_grad, codes, work, t, threads, input_grad):
     """The end of :meth:`numpylenet.LeNet5.backward`: thread t's share of the weight gradients,
-    once every thread's :func:`backward_images` is done, added into ``flat_grad``: rows part t of ``threads`` of each dense layer's dL/dW over
-    the whole batch (:func:`dense_weight_grad` for fc2, fc1 and conv3: one product over all N
-    images, from the dL/dz and the inputs that the passes left in ``work``, and no per-thread
-    copy of those 59,000 entries to zero and sum), and part t of the sum of the threads' conv1
-    and conv2 gradients ``work.conv_grads``. (``flat_params``, ``codes``, ``input_grad``: unused.)"""
+    once every thread's :func:`backward_images` is done, added into ``flat_grad``: rows part t of
+    ``threads`` of each dense layer's dL/dW over the whole batch (:func:`dense_weight_grad` for
+    fc2, fc1 and conv3: one product over all N images, from the dL/dz and the inputs that the
+    passes left in ``work``, and no per-thread copy of those 59,000 entries to zero and sum), and
+    part t of the sum of the threads' conv1 and conv2 gradients ``work.conv_grads``.
+    (``flat_params``, ``codes``, ``input_grad``: unused.)"""
     grads = parameter_views(flat_grad)
     pool2 = work.pool2.reshape(work.pool2.shape[0], -1)     # conv3's input
     dense_weight_grad(work.grad_logits, work.fc1, grads.fc2, t, threads)
