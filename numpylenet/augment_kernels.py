@@ -9,9 +9,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .numba_cache import safe_cache
+
 __all__ = ["warp_bilinear_kernel"]
 
 
+@safe_cache
 @njit(cache=True, parallel=True, error_model="numpy")
 def warp_bilinear_kernel(images: np.ndarray, maps: np.ndarray, constants: np.ndarray,
                          out: np.ndarray) -> None:

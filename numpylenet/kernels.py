@@ -90,6 +90,7 @@ from numba import njit, prange, typeof, types
 from numba.extending import typeof_impl
 
 from .blas import LIBRARY, gemm_address
+from .numba_cache import safe_cache
 
 __all__ = [
     "kernel", "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
@@ -104,11 +105,17 @@ __all__ = [
 
 
 def kernel(function=None, **options):
-    """``numba.njit`` as every kernel here uses it: cached on disk, and with NumPy's error model
+    """``numba.njit`` as every kernel here uses it: cached on disk (in a cache that several
+    processes may fill at once, :mod:`numpylenet.numba_cache`), and with NumPy's error model
     (x / 0 gives inf or nan as in NumPy; Numba's default Python model tests every division for
     zero to raise ZeroDivisionError, and that test stops LLVM vectorising the loop)."""
     options = {"cache": True, "error_model": "numpy", **options}
-    return njit(**options) if function is None else njit(**options)(function)
+
+    def build(python_function):
+        dispatcher = njit(**options)(python_function)
+        return safe_cache(dispatcher) if options["cache"] else dispatcher
+
+    return build if function is None else build(function)
 
 
 # Activation and pooling codes: Numba kernels branch on small ints, outside their inner loops.

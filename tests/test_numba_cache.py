@@ -1,0 +1,102 @@
+"""numpylenet.numba_cache: Numba's disk cache, filled by several processes at once."""
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A kernel in a file of its own (Numba caches only functions with a source file), with the safe
+# cache and, for the control, with Numba's own.
+TOY = """
+from numba import njit
+from numpylenet.numba_cache import safe_cache
+
+@safe_cache
+@njit(cache=True)
+def double(x):
+    return x * 2
+
+@njit(cache=True)
+def plain_double(x):
+    return x * 2
+"""
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """(run, cache folder): ``run(program)`` runs Python code in a fresh process that can import
+    the toy module, with its own Numba cache."""
+    (tmp_path / "toy.py").write_text(TOY)
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+                   "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+
+    def run(program: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+        command = [sys.executable, "-c", "import numpy as np\nimport toy\n" + program]
+        if popen:
+            return subprocess.Popen(command, cwd=tmp_path, env=environment, text=True, **popen)
+        return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True)
+
+    return run, tmp_path / "cache"
+
+
+def swap_data_files(cache: Path, kernel: str) -> None:
+    """Damage the cache as two processes saving at once do: each signature's index entry now
+    names the other signature's machine code."""
+    first, second = sorted(cache.rglob(f"toy.{kernel}-*.nbc"))
+    first_bytes = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(first_bytes)
+
+
+def test_an_entry_holding_another_signatures_code_is_compiled_anew(toy):
+    run, cache = toy
+    compiled = run("toy.double(np.ones(3, np.float32)); toy.double(np.ones(3))\n"
+                   "toy.plain_double(np.ones(3, np.float32)); toy.plain_double(np.ones(3))")
+    assert compiled.returncode == 0, compiled.stderr
+    swap_data_files(cache, "double")
+    swap_data_files(cache, "plain_double")
+    # The control: with Numba's own cache the damaged entry is loaded, and the call fails.
+    plain = run("toy.plain_double(np.ones(3, np.float32))")
+    assert plain.returncode != 0 and "can't unbox array" in plain.stderr
+    healed = run("assert toy.double(np.ones(3, np.float32)).tolist() == [2, 2, 2]\n"
+                 "assert toy.double(np.ones(3, np.float32)).dtype == np.float32\n"
+                 "assert sum(toy.double.stats.cache_misses.values()) == 1, toy.double.stats\n")
+    assert healed.returncode == 0, healed.stderr
+    loaded = run("assert toy.double(np.ones(3, np.float32)).tolist() == [2, 2, 2]\n"
+                 "assert sum(toy.double.stats.cache_hits.values()) == 1, toy.double.stats\n")
+    assert loaded.returncode == 0, loaded.stderr
+
+
+def test_adding_an_entry_waits_for_the_index_lock(toy):
+    """While another process holds the index's lock, a compile cannot save its entry: it returns
+    only after the lock is released, and both entries are then in the index."""
+    run, cache = toy
+    first = run("toy.double(np.ones(3, np.float32))")
+    assert first.returncode == 0, first.stderr
+    (lock_path,) = cache.rglob("toy.double-*.nbi.lock")
+    held_seconds = 2.0
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        child = run("import sys, time\n"
+                    "print('calling', flush=True)\n"
+                    "started = time.perf_counter()\n"
+                    "toy.double(np.ones(3))\n"
+                    "print(time.perf_counter() - started, flush=True)\n",
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert child.stdout.readline().strip() == "calling"
+        time.sleep(held_seconds)
+        assert child.poll() is None, "the compile finished while the index was locked"
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert float(out.strip()) >= held_seconds * 0.9
+    both = run("assert toy.double(np.ones(3, np.float32)).dtype == np.float32\n"
+               "assert toy.double(np.ones(3)).dtype == np.float64\n"
+               "assert sum(toy.double.stats.cache_hits.values()) == 2, toy.double.stats\n")
+    assert both.returncode == 0, both.stderr
