@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 from numba.core import sigutils
 from numba.core.caching import FunctionCache, IndexDataCacheFile
+from numba.core.dispatcher import Dispatcher
 
 try:
     import fcntl
@@ -78,6 +79,9 @@ class SafeFunctionCache(FunctionCache):
 
 
 def safe_cache(dispatcher):
-    """Give a Numba dispatcher built with ``cache=True`` a :class:`SafeFunctionCache`; returns it."""
-    dispatcher._cache = SafeFunctionCache(dispatcher.py_func)
+    """Give a Numba dispatcher built with ``cache=True`` a :class:`SafeFunctionCache`; returns it.
+    Anything else (the plain function that ``njit`` returns under ``NUMBA_DISABLE_JIT=1``) is
+    returned as it is."""
+    if isinstance(dispatcher, Dispatcher):
+        dispatcher._cache = SafeFunctionCache(dispatcher.py_func)
     return dispatcher

@@ -100,3 +100,24 @@ def test_adding_an_entry_waits_for_the_index_lock(toy):
                "assert toy.double(np.ones(3)).dtype == np.float64\n"
                "assert sum(toy.double.stats.cache_hits.values()) == 2, toy.double.stats\n")
     assert both.returncode == 0, both.stderr
+
+
+def test_every_cached_kernel_has_the_safe_cache():
+    from numba.core.registry import CPUDispatcher
+
+    from numpylenet import augment_kernels, kernels
+    from numpylenet.numba_cache import SafeFunctionCache
+
+    dispatchers = [value for module in (kernels, augment_kernels) for value in vars(module).values()
+                   if isinstance(value, CPUDispatcher)]
+    assert len(dispatchers) > 30
+    assert [d.py_func.__name__ for d in dispatchers if not isinstance(d._cache, SafeFunctionCache)] == []
+
+
+def test_safe_cache_leaves_a_plain_function_alone():
+    from numpylenet.numba_cache import safe_cache
+
+    def plain(x):               # what njit returns under NUMBA_DISABLE_JIT=1
+        return x
+
+    assert safe_cache(plain) is plain
