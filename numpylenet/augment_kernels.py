@@ -7,15 +7,14 @@ passes over (N, H, W) temporaries, this one a single pass that keeps each pixel 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .numba_cache import safe_cache
+from .numba_cache import kernel
 
 __all__ = ["warp_bilinear_kernel"]
 
 
-@safe_cache
-@njit(cache=True, parallel=True, error_model="numpy")
+@kernel(parallel=True)
 def warp_bilinear_kernel(images: np.ndarray, maps: np.ndarray, constants: np.ndarray,
                          out: np.ndarray) -> None:
     """out[n] = images[n] resampled bilinearly where ``maps[n]`` sends each pixel; zeros outside.

@@ -86,11 +86,11 @@ from typing import NamedTuple
 
 import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, prange, typeof, types
+from numba import prange, typeof, types
 from numba.extending import typeof_impl
 
 from .blas import LIBRARY, gemm_address
-from .numba_cache import safe_cache
+from .numba_cache import kernel
 
 __all__ = [
     "kernel", "RELU", "TANH", "SIGMOID", "IDENTITY", "AVG", "MAX", "ACTIVATION_CODES", "POOL_CODES",
@@ -102,20 +102,6 @@ __all__ = [
     "Workspace", "make_workspace", "KernelAddress", "forward_images", "backward_images",
     "weight_grads", "on_threads", "softmax_cross_entropy", "adam_step", "sgd_step",
 ]
-
-
-def kernel(function=None, **options):
-    """``numba.njit`` as every kernel here uses it: cached on disk (in a cache that several
-    processes may fill at once, :mod:`numpylenet.numba_cache`), and with NumPy's error model
-    (x / 0 gives inf or nan as in NumPy; Numba's default Python model tests every division for
-    zero to raise ZeroDivisionError, and that test stops LLVM vectorising the loop)."""
-    options = {"cache": True, "error_model": "numpy", **options}
-
-    def build(python_function):
-        dispatcher = njit(**options)(python_function)
-        return safe_cache(dispatcher) if options["cache"] else dispatcher
-
-    return build if function is None else build(function)
 
 
 # Activation and pooling codes: Numba kernels branch on small ints, outside their inner loops.
@@ -638,9 +624,12 @@ def conv1_backward(grad_pooled, x, y, conv1, codes, grad_conv1, grad_z, grad_x, 
             grad_image[:] = 0
             for c in range(channels):
                 dz = grad_z[c].ravel()
-                for k in range(weight.shape[1]):   # the 25 taps, by a loop that LLVM keeps
-                    i, j = divmod(k, KERNEL)        # rolled: unrolled, 25 copies of the vectorised
-                    tap = np.uint64(i) * width + np.uint64(j)    # p loop cost 0.4 s of compiling
+                # The 25 taps by one loop over k, which LLVM keeps rolled: written as two loops
+                # of KERNEL, it unrolled them into 25 copies of the vectorised p loop, 0.4 s of
+                # compiling for a path that training never takes.
+                for k in range(weight.shape[1]):
+                    i, j = divmod(k, KERNEL)
+                    tap = np.uint64(i) * width + np.uint64(j)
                     w = weight[c, k]
                     for p in range(span):
                         grad_image[p + tap] += w * dz[p]

@@ -1,4 +1,5 @@
-"""Numba's on-disk cache, made safe for several processes compiling one kernel at once.
+"""How every numpylenet kernel is compiled (:func:`kernel`), and Numba's on-disk cache made safe
+for several processes compiling one kernel at once.
 
 Numba keeps, for each cached kernel, an index file that maps every compiled signature to a data
 file, and adds an entry by reading the index, taking the first free data-file number, and writing
@@ -24,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from numba import njit
 from numba.core import sigutils
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.core.dispatcher import Dispatcher
@@ -33,7 +35,7 @@ try:
 except ImportError:     # not POSIX
     fcntl = None
 
-__all__ = ["SafeFunctionCache", "safe_cache"]
+__all__ = ["kernel", "SafeFunctionCache", "safe_cache"]
 
 
 @contextmanager
@@ -85,3 +87,17 @@ def safe_cache(dispatcher):
     if isinstance(dispatcher, Dispatcher):
         dispatcher._cache = SafeFunctionCache(dispatcher.py_func)
     return dispatcher
+
+
+def kernel(function=None, **options):
+    """``numba.njit`` as every numpylenet kernel uses it: cached on disk, in a
+    :class:`SafeFunctionCache`, and with NumPy's error model (x / 0 gives inf or nan as in NumPy;
+    Numba's default Python model tests every division for zero to raise ZeroDivisionError, and
+    that test stops LLVM vectorising the loop). Other ``njit`` options pass through."""
+    options = {"cache": True, "error_model": "numpy", **options}
+
+    def build(python_function):
+        dispatcher = njit(**options)(python_function)
+        return safe_cache(dispatcher) if options["cache"] else dispatcher
+
+    return build if function is None else build(function)
