@@ -1,9 +1,10 @@
 """The Numba engine: what ``LeNet5(backend="numba")`` runs, on the kernels of :mod:`numpylenet.kernels`.
 
 * :class:`NumbaLeNet5` runs a model's forward and backward passes as fused per-thread passes
-  (:func:`~numpylenet.kernels.forward_images`, :func:`~numpylenet.kernels.backward_images`,
-  :func:`~numpylenet.kernels.weight_grads`), each on every thread by the one parallel kernel
-  :func:`~numpylenet.kernels.on_threads`, reading the weights from the model's flat buffer and
+  (:func:`~numpylenet.kernels.forward_images`, :func:`~numpylenet.kernels.loss_images`,
+  :func:`~numpylenet.kernels.backward_images`, :func:`~numpylenet.kernels.weight_grads`), in
+  programs (:data:`PROGRAMS`) that the one parallel kernel :func:`~numpylenet.kernels.on_threads`
+  runs on every thread, reading the weights from the model's flat buffer and
   adding the gradients into its flat gradient (see :meth:`numpylenet.LeNet5.flat_buffers`), in a
   :class:`~numpylenet.kernels.Workspace` built once per batch size;
 * :func:`fused_adam_step` and :func:`fused_sgd_step` are :class:`numpylenet.Adam`'s and
@@ -116,6 +117,7 @@ class NumbaLeNet5:
         self.work: kernels.Workspace | None = None
         self.threads = 0
         self._addresses: dict[str, kernels.KernelAddress] = {}
+        self._programs: dict[str, tuple[kernels.KernelAddress, ...]] = {}
 
     @classmethod
     def for_model(cls, model) -> NumbaLeNet5:
@@ -137,9 +139,9 @@ class NumbaLeNet5:
         return self.work
 
     def per_thread_args(self) -> tuple:
-        """Example arguments of a per-thread pass (their types are all that matter: the three
-        passes share one signature)."""
-        return (self.flat_data, self.flat_grad, self.codes, self.work, 0, 1, True)
+        """Example arguments of a per-thread pass (their types are all that matter: the passes
+        share one signature)."""
+        return (self.flat_data, self.flat_grad, self.codes, self.work, 0, 0, 1, True)
 
     def per_thread(self, name: str) -> kernels.KernelAddress:
         """The per-thread pass ``name`` (a key of :data:`PER_THREAD_PASSES`) that
@@ -154,7 +156,7 @@ class NumbaLeNet5:
         work = self._workspace(x.shape[0])
         np.copyto(work.x, x)        # the backward pass reads this copy: the caller may reuse x
         with _kernel_threads(self.threads):
-            self._forward_pass(work)
+            self._run("forward", work, False)
         return work.logits.copy()
 
     def backward(self, grad_logits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
@@ -164,49 +166,55 @@ class NumbaLeNet5:
         """
         work = self.work
         np.copyto(work.grad_logits, grad_logits)
+        work.conv_grads.fill(0)
         with _kernel_threads(self.threads):
-            self._backward_pass(work, bool(input_grad))
+            self._run("backward", work, bool(input_grad))
+            self._run("weight_grads", work, False)     # needs every thread's backward pass done
         return work.grad_x.copy() if input_grad else None
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0) -> float:
         """A training step's passes, allocating nothing: the forward pass, the loss
-        (:func:`~numpylenet.kernels.softmax_cross_entropy`, into ``work.grad_logits``) and the
-        backward pass without dL/dx. Adds dL/dW into ``flat_grad``; returns the loss.
+        (:func:`~numpylenet.kernels.loss_images`, into ``work.grad_logits``) and the backward pass
+        without dL/dx, sub-batch by sub-batch, then the weight gradients. Adds dL/dW into
+        ``flat_grad``; returns the loss (the mean over the batch).
 
-        x : (N, 1, 32, 32), floating-point;  labels : (N,), integers in [0, 10).
+        x : (N, 1, 32, 32), floating-point;  labels : (N,), integers in [0, 10) (checked by
+        :meth:`numpylenet.LeNet5.forward_backward`; a label outside makes the loss NaN).
         """
         work = self._workspace(x.shape[0])
         np.copyto(work.x, x)
+        np.copyto(work.labels, labels)
+        work.label_smoothing[0] = label_smoothing
+        work.losses.fill(0)
+        work.conv_grads.fill(0)
         with _kernel_threads(self.threads):
-            self._forward_pass(work)
-            loss = kernels.softmax_cross_entropy(work.logits, labels, float(label_smoothing), work.grad_logits)
-            self._backward_pass(work, False)
-        return loss
+            self._run("train", work, False)
+            self._run("weight_grads", work, False)     # needs every thread's backward pass done
+        return float(work.losses.sum()) / x.shape[0]
 
-    def _forward_pass(self, work: kernels.Workspace) -> None:
-        self._on_threads("forward", work, False)
-
-    def _backward_pass(self, work: kernels.Workspace, input_grad: bool) -> None:
-        self._on_threads("backward", work, input_grad)
-        self._on_threads("weight_grads", work, input_grad)     # needs every thread's backward done
-
-    def _on_threads(self, name: str, work: kernels.Workspace, input_grad: bool) -> None:
-        kernels.on_threads(self.per_thread(name), self.flat_data, self.flat_grad, self.codes, work, input_grad)
+    def _run(self, program: str, work: kernels.Workspace, input_grad: bool) -> None:
+        """Run ``PROGRAMS[program]`` with :func:`~numpylenet.kernels.on_threads`."""
+        if program not in self._programs:
+            names, _ = PROGRAMS[program]
+            self._programs[program] = tuple(self.per_thread(name) for name in names)
+        kernels.on_threads(*self._programs[program], self.flat_data, self.flat_grad, self.codes, work,
+                           input_grad, PROGRAMS[program][1])
 
     @classmethod
     def compile(cls, dtype, optimizer: str | None = None, helper_process: bool = True,
                 affine_augmentation: bool = False) -> None:
         """Run every kernel a run uses once, on a tiny batch and zero weights, so that Numba
-        compiles them (or loads them from its on-disk cache) for ``dtype``: both passes, with and
-        without dL/dx, the loss, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both).
+        compiles them (or loads them from its on-disk cache) for ``dtype``: every per-thread pass
+        (forward, loss, backward with and without dL/dx, weight gradients), the parallel kernel
+        that runs them, and the fused step of ``optimizer`` ("adam" or "sgd"; None: both).
         One compilation serves every activation and pooling (the kernels take them as run-time
         codes), and every batch size, so the first training step compiles nothing more.
 
         Compiling is what a fresh machine waits for (:data:`numpylenet.backend.COMPILE_SECONDS`).
         Numba compiles on one core, so when the backward pass is not in the cache yet (and
-        ``helper_process``), a helper process compiles it into the cache while this one compiles
-        the rest, and this one then loads it: on two cores ~7 s instead of ~12.5 s one after the
-        other.
+        ``helper_process``), a helper process compiles it and the weight-gradient pass into the
+        cache while this one compiles the rest, and this one then loads them: on two cores ~7 s
+        instead of ~13 s one after the other.
         Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
         ``affine_augmentation`` also compiles the kernel of :func:`numpylenet.augment.warp_bilinear`
         for ``dtype`` (a run with affine augmentation meets it at its first batch), in the
@@ -221,7 +229,6 @@ class NumbaLeNet5:
             helper = _start_helper(dtype, affine_augmentation)
         try:
             engine.forward(optimizer)
-            engine.engine.per_thread("weight_grads")
         finally:
             if helper is not None:
                 helper.wait()
@@ -231,8 +238,8 @@ class NumbaLeNet5:
 
 
 def _start_helper(dtype: np.dtype, affine_augmentation: bool) -> subprocess.Popen | None:
-    """Start the process that compiles the backward pass's per-thread kernel (and the affine
-    augmentation's) into Numba's cache, or None if it cannot start. Its output is dropped: should
+    """Start the process that compiles the backward and weight-gradient passes (and the affine
+    augmentation's kernel) into Numba's cache, or None if it cannot start. Its output is dropped: should
     it fail, :meth:`NumbaLeNet5.compile` compiles the kernels itself and reports any error."""
     # The helper imports this very package, wherever (and under whatever name) it was imported here.
     package_folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,6 +247,7 @@ def _start_helper(dtype: np.dtype, affine_augmentation: bool) -> subprocess.Pope
                f"from {__name__} import _CompileRun\n"
                f"run = _CompileRun({dtype.name!r})\n"
                "run.engine.per_thread('backward')\n"
+               "run.engine.per_thread('weight_grads')\n"
                + ("run.affine_augmentation()\n" if affine_augmentation else ""))
     try:
         return subprocess.Popen([sys.executable, "-c", program],
@@ -249,8 +257,14 @@ def _start_helper(dtype: np.dtype, affine_augmentation: bool) -> subprocess.Pope
 
 
 # The per-thread passes that kernels.on_threads runs, by name.
-PER_THREAD_PASSES = {"forward": kernels.forward_images, "backward": kernels.backward_images,
-                     "weight_grads": kernels.weight_grads}
+PER_THREAD_PASSES = {"forward": kernels.forward_images, "loss": kernels.loss_images,
+                     "backward": kernels.backward_images, "weight_grads": kernels.weight_grads,
+                     "none": kernels.no_pass}
+# What NumbaLeNet5 runs with kernels.on_threads: name -> (its three passes, by sub-batch?)
+PROGRAMS = {"forward": (("forward", "none", "none"), False),
+            "train": (("forward", "loss", "backward"), True),
+            "backward": (("backward", "none", "none"), False),
+            "weight_grads": (("weight_grads", "none", "none"), False)}
 
 
 class _CompileRun:
@@ -283,11 +297,10 @@ class _CompileRun:
         warp_bilinear(np.zeros((1, 2, 2), self.dtype), np.eye(2, 3)[np.newaxis])
 
     def forward(self, optimizer: str | None) -> None:
-        """The forward pass, the loss kernel and ``optimizer``'s step (None: both optimisers)."""
+        """The forward pass, the loss pass and ``optimizer``'s step (None: both optimisers)."""
         engine, data, grad = self.engine, self.engine.flat_data, self.engine.flat_grad
         engine.forward(self.images)
-        kernels.softmax_cross_entropy(engine.work.logits, np.zeros(len(self.images), np.int64), 0.0,
-                                      engine.work.grad_logits)
+        engine.per_thread("loss")
         state = np.zeros((2, kernels.NUM_PARAMETERS), self.dtype)
         if optimizer in (None, "adam"):
             fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))
@@ -295,8 +308,8 @@ class _CompileRun:
             fused_sgd_step(data, grad, state[0], (0.1, 0.9, 0.0, 0.0, False), first_step=True)
 
     def backward(self) -> None:
-        """The backward pass (one kernel, with or without dL/dx; forward_backward runs both passes)."""
-        self.engine.backward(np.zeros((len(self.images), kernels.NUM_CLASSES), self.dtype))
+        """A training step's passes (the backward pass's one kernel serves it with and without dL/dx)."""
+        self.engine.forward_backward(self.images, np.zeros(len(self.images), np.int64))
 
 
 def fused_adam_step(data: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,

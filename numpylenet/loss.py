@@ -56,8 +56,9 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, *,
     Smoothing keeps the logits from growing without bound to drive the loss to 0: the best a
     model can do is p = q, a confident but finite answer.
 
-    Numba counterpart: ``kernels.softmax_cross_entropy``, writing the gradient into the numba
-    backend's work buffers (see :meth:`numpylenet.LeNet5.forward_backward`).
+    Numba counterpart: ``kernels.cross_entropy_rows``, on each thread's rows of the batch in a
+    training step, writing the gradient into the numba backend's work buffers (see
+    :meth:`numpylenet.LeNet5.forward_backward` and ``kernels.loss_images``).
 
     Parameters
     ----------

@@ -37,8 +37,9 @@ class LeNet5:
 
     The backward pass runs the layers in reverse, each turning dL/d(output) into dL/d(input).
     Numba counterparts (``backend="numba"``): ``kernels.forward_images``,
-    ``kernels.backward_images`` and ``kernels.weight_grads`` (each run on every thread by
-    ``kernels.on_threads``), the same layers as one pair of fused kernels per layer.
+    ``kernels.loss_images`` (in :meth:`forward_backward`), ``kernels.backward_images`` and
+    ``kernels.weight_grads`` (each run on every thread by ``kernels.on_threads``), the same
+    layers as one pair of fused kernels per layer.
 
     All 61,706 parameters live in one contiguous buffer, ``flat_data`` (torch's named order), and
     their gradients in ``flat_grad``; each Parameter's ``.data`` and ``.grad`` are views into them

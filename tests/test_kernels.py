@@ -217,8 +217,10 @@ def test_conv1_max_pool_ties_go_to_the_first_pixel():
     check_conv1("tanh", "max", (2, 11, 12, 3), x=np.zeros((2, 1, 11, 12)))
 
 
-def check_conv2(activation, pool, shape, dtype=np.float64):
-    """conv2_forward / conv2_backward vs Conv2d(C_in, C_out, 5), the activation, 2x2 pooling."""
+def check_conv2(activation, pool, shape, dtype=np.float64, cols_ready=True):
+    """conv2_forward / conv2_backward vs Conv2d(C_in, C_out, 5), the activation, 2x2 pooling; the
+    backward pass on the im2col that the forward pass left (``cols_ready``), or forming it again
+    from scratch filled with NaN."""
     n, in_channels, h, w, out_channels = shape
     out_h, out_w = h - 4, w - 4
     x = random((n, in_channels, h, w), dtype)
@@ -236,13 +238,15 @@ def check_conv2(activation, pool, shape, dtype=np.float64):
     grad_conv2 = (np.ones_like(weight), np.ones(out_channels, dtype))  # added to
     grad_z = np.full(y.shape, np.nan, dtype)
     grad_x = np.full((n, h, w, in_channels), np.nan, dtype)
+    if not cols_ready:
+        cols[:] = np.nan
     kernels.conv2_backward(grad_pooled, nhwc(x), y, (weight, conv.bias.data), codes(activation, pool),
-                           grad_conv2=grad_conv2, cols=cols, grad_z=grad_z, grad_x=grad_x)
-    grad_weight = np.zeros((out_channels, weight.shape[1]), dtype)         # back to torch's order
-    kernels.add_unpermuted_conv_weight(grad_conv2[0] - 1, 25, grad_weight)
+                           grad_conv2=grad_conv2, cols=cols, cols_ready=cols_ready, grad_z=grad_z,
+                           grad_x=grad_x)
+    grad_weight = (grad_conv2[0] - 1).reshape(out_channels, 25, in_channels).transpose(0, 2, 1)  # torch's order
     assert_close(f"conv2 {activation}/{pool} {shape}", {
         "y": (nchw(y), y_ref), "pooled": (pooled, pooled_ref), "grad_x": (nchw(grad_x), grad_x_ref),
-        "grad_weight": (grad_weight, conv.weight.grad.reshape(out_channels, -1)),
+        "grad_weight": (grad_weight.reshape(out_channels, -1), conv.weight.grad.reshape(out_channels, -1)),
         "grad_bias": (grad_conv2[1] - 1, conv.bias.grad)}, tolerance(dtype))
 
 
@@ -251,6 +255,9 @@ def test_conv2_lenet_shape(activation, pool): check_conv2(activation, pool, (3, 
 @pytest.mark.parametrize("pool", POOL_NAMES)
 def test_conv2_odd_sizes_floor_mode(pool): check_conv2("sigmoid", pool, (2, 3, 11, 10, 5))
 def test_conv2_batch1_float64(): check_conv2("relu", "max", (1, 6, 14, 14, 16))
+@pytest.mark.parametrize("activation, pool", COMBINATIONS)
+def test_conv2_forms_its_im2col_again(activation, pool):
+    check_conv2(activation, pool, (3, 6, 14, 14, 16), np.float32, cols_ready=False)
 
 
 def check_dense(activation, shape, dtype=np.float64, parts=1):
@@ -305,14 +312,6 @@ def test_permute_conv_weight():
     assert np.array_equal(permuted, weight.transpose(0, 2, 3, 1).reshape(16, 150))
 
 
-def test_add_unpermuted_conv_weight_inverts_permute():
-    weight, permuted = random((16, 150)), np.empty((16, 150))
-    kernels.permute_conv_weight(weight, 25, permuted)
-    restored = np.ones((16, 150))
-    kernels.add_unpermuted_conv_weight(permuted, 25, restored)
-    assert np.array_equal(restored, weight + 1)
-
-
 def test_parameter_views_are_the_models_parameters():
     model = LeNet5(backend="numpy", seed=0)
     views = kernels.parameter_views(model.flat_data)
@@ -333,7 +332,10 @@ def test_workspace_sizes_follow_the_network():
     assert work.conv1.shape[:3] == conv1.shape[:3] and work.pool1.shape == nhwc(pool1).shape
     assert work.conv2.shape == nhwc(conv2).shape and work.pool2.shape == pool2.shape
     assert (work.conv3.shape, work.fc1.shape, work.logits.shape) == (conv3.shape, fc1.shape, logits.shape)
-    assert all(array.dtype == np.float32 for array in work)
+    exact = {"labels": np.int64, "cols2_images": np.int64, "label_smoothing": np.float64, "losses": np.float64}
+    assert all(array.dtype == exact.get(name, np.float32) for name, array in zip(work._fields, work))
+    assert work.labels.shape == (3,) and work.losses.shape == (2,)
+    assert (work.cols2_images == -1).all()          # no thread's im2col holds any image yet
     conv_parameters = sum(p.data.size for p in (*model.layers[0].parameters(), *model.layers[3].parameters()))
     assert work.conv_grads.shape == (2, conv_parameters) and kernels.CONV_PARAMETERS == conv_parameters
 
@@ -373,16 +375,20 @@ def test_lenet5_batch_not_multiple_of_sub_batch(): check_lenet5("tanh", "avg", n
 def test_lenet5_large_inputs(): check_lenet5("sigmoid", "avg", np.float32, 4, scale=50.0)
 
 
-def check_loss(dtype, batch_size, label_smoothing, scale=3.0):
-    """kernels.softmax_cross_entropy vs loss.softmax_cross_entropy (itself checked against torch)."""
+def check_loss(dtype, batch_size, label_smoothing, scale=3.0, parts=1):
+    """kernels.cross_entropy_rows vs loss.softmax_cross_entropy (itself checked against torch),
+    on the batch's rows in ``parts`` slices, as the threads of a training step take them."""
     logits = random((batch_size, 10), dtype, seed=batch_size) * scale
     labels = np.random.default_rng(batch_size).integers(0, 10, batch_size)
     grad = np.full_like(logits, np.nan)
-    loss = kernels.softmax_cross_entropy(logits, labels, label_smoothing, grad)
+    total = 0.0
+    for part in range(parts):
+        rows = slice(part * batch_size // parts, (part + 1) * batch_size // parts)
+        total += kernels.cross_entropy_rows(logits[rows], labels[rows], label_smoothing, batch_size, grad[rows])
     expected_loss, expected_grad = softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    assert_close(f"loss kernel {np.dtype(dtype)} N={batch_size} eps={label_smoothing}",
-                 {"loss": (np.array(loss), np.array(expected_loss)), "grad_logits": (grad, expected_grad)},
-                 tolerance(dtype))
+    assert_close(f"loss kernel {np.dtype(dtype)} N={batch_size} eps={label_smoothing} in {parts} parts",
+                 {"loss": (np.array(total / batch_size), np.array(expected_loss)),
+                  "grad_logits": (grad, expected_grad)}, tolerance(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -390,12 +396,18 @@ def check_loss(dtype, batch_size, label_smoothing, scale=3.0):
 def test_loss_kernel(dtype, label_smoothing): check_loss(dtype, ODD_BATCH, label_smoothing)
 def test_loss_kernel_batch1(): check_loss(np.float32, 1, 0.1)
 def test_loss_kernel_large_logits(): check_loss(np.float64, 8, 0.0, scale=1e4)
+def test_loss_kernel_in_parts(): check_loss(np.float64, ODD_BATCH, 0.1, parts=3)
 
 
-def test_loss_kernel_refuses_labels_out_of_range():
+def test_loss_kernel_gives_nan_for_labels_out_of_range():
+    """It runs inside the parallel region, where it cannot raise: a bad label's row is NaN (and
+    nothing is written outside it); LeNet5.forward_backward refuses such labels before."""
     for bad in (-1, 10):
-        with pytest.raises(ValueError, match="labels must lie in"):
-            kernels.softmax_cross_entropy(random((2, 10)), np.array([0, bad]), 0.0, np.empty((2, 10)))
+        grad = np.zeros((2, 10))
+        loss = kernels.cross_entropy_rows(random((2, 10)), np.array([0, bad]), 0.0, 2, grad)
+        assert np.isnan(loss) and np.isnan(grad[1]).all() and np.isfinite(grad[0]).all()
+        with pytest.raises(ValueError, match="labels"):
+            LeNet5(backend="numba").forward_backward(random((2, 1, 32, 32)), np.array([0, bad]))
 
 
 def check_forward_backward(activation, pool, dtype, batch_size, label_smoothing=0.1):
@@ -410,7 +422,10 @@ def check_forward_backward(activation, pool, dtype, batch_size, label_smoothing=
         fused = LeNet5(activation=activation, pool=pool, dtype=dtype, seed=5, backend=backend)
         loss = fused.forward_backward(x, labels, label_smoothing=label_smoothing)
         pairs[f"loss {backend}"] = (np.array(loss), np.array(loss_ref))
-        pairs[f"grads {backend}"] = (fused.flat_grad, reference.flat_grad)
+        pairs[f"grads {backend}"] = (fused.flat_grad.copy(), reference.flat_grad)
+        again = fused.forward_backward(x, labels, label_smoothing=label_smoothing)    # accumulates
+        pairs[f"second loss {backend}"] = (np.array(again), np.array(loss_ref))
+        pairs[f"accumulated grads {backend}"] = (fused.flat_grad, 2 * reference.flat_grad)
     assert_close(f"forward_backward {activation}/{pool} {np.dtype(dtype)} N={batch_size}", pairs,
                  tolerance(dtype))
 
@@ -460,6 +475,19 @@ def test_backward_without_input_gradient_and_before_forward():
         model.backward(np.zeros((2, 10)))
 
 
+def test_backward_twice_after_one_forward():
+    """Two backward passes from one forward pass add the same gradients twice (the second forms
+    conv2's im2col again: the first overwrote it)."""
+    reference, model = twin_models(activation="tanh", pool="max")
+    x = random((ODD_BATCH, 1, 32, 32))
+    grad_logits = softmax_cross_entropy(reference.forward(x), np.arange(ODD_BATCH) % 10)[1]
+    reference.backward(grad_logits)
+    model.forward(x)
+    grads = [model.backward(grad_logits) for _ in range(2)]
+    assert_close("backward twice", {"grad_x": (grads[1], grads[0]),
+                                     "grads": (model.flat_grad, 2 * reference.flat_grad)}, tolerance(np.float64))
+
+
 def test_results_do_not_depend_on_thread_count():
     import numba
 
@@ -472,10 +500,14 @@ def test_results_do_not_depend_on_thread_count():
         model.zero_grad()
         logits = model.forward(x)
         model.backward(softmax_cross_entropy(logits, np.arange(9))[1])
-        results.append((logits, model.flat_grad.copy()))
+        grad = model.flat_grad.copy()
+        model.zero_grad()
+        loss = model.forward_backward(x, np.arange(9))
+        results.append((logits, grad, np.array(loss), model.flat_grad.copy()))
     numba.set_num_threads(previous)
-    assert_close("1 vs all threads", {"logits": (results[-1][0], results[0][0]),
-                                      "grad": (results[-1][1], results[0][1])}, tolerance(np.float64))
+    assert_close("1 vs all threads", {name: (results[-1][i], results[0][i]) for i, name in
+                                      enumerate(("logits", "grad", "training loss", "training grad"))},
+                 tolerance(np.float64))
 
 
 def train_twins(make_optimizer, dtype, steps=4):
@@ -685,14 +717,14 @@ def test_compile_prepares_only_the_runs_optimizer(optimizer, unused):
                f"NumbaLeNet5.compile(np.float32, {optimizer!r})\n"
                f"assert len(kernels.{used}.signatures) == 1\n"
                f"assert not kernels.{unused}.signatures, 'compiled the other optimiser too'\n"
-               "passes = (kernels.on_threads, kernels.forward_images, kernels.backward_images, kernels.weight_grads)\n"
-               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1]\n"
+               "passes = (kernels.on_threads, kernels.forward_images, kernels.loss_images, kernels.backward_images, kernels.weight_grads)\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1, 1]\n"
                "model = LeNet5(seed=0, backend='numba')\n"
                f"optimizer = {{'sgd': SGD, 'adam': Adam}}[{optimizer!r}](model.parameters(), lr=0.1)\n"
                "logits = model.forward(np.zeros((5, 1, 32, 32), np.float32))\n"
                "model.backward(softmax_cross_entropy(logits, np.arange(5))[1], input_grad=False)\n"
                "optimizer.step()\n"
-               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1], 'a step compiled more'\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1, 1], 'a step compiled more'\n"
                f"assert len(kernels.{used}.signatures) == 1 and not kernels.{unused}.signatures\n")
 
 
@@ -705,8 +737,8 @@ def test_warmup_compiles_everything_a_training_step_runs():
     """After warmup, training steps of both dtypes and both optimisers compile nothing new."""
     seconds = engine.warmup()
     assert isinstance(seconds, float) and seconds >= 0
-    dispatchers = (kernels.on_threads, kernels.forward_images, kernels.backward_images, kernels.weight_grads,
-                   kernels.adam_step, kernels.sgd_step)
+    dispatchers = (kernels.on_threads, kernels.forward_images, kernels.loss_images, kernels.backward_images,
+                   kernels.weight_grads, kernels.no_pass, kernels.adam_step, kernels.sgd_step)
     compiled = [len(dispatcher.signatures) for dispatcher in dispatchers]
     for dtype in DTYPES:
         for make_optimizer in (OPTIMIZERS["adam"], OPTIMIZERS["sgd_nesterov"], OPTIMIZERS["sgd"]):
@@ -719,8 +751,8 @@ def test_warmup_compiles_everything_a_training_step_runs():
 
 
 def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path):
-    """On an empty Numba cache the backward pass's per-thread kernel (and the augmentation's,
-    when asked) is compiled by the helper process and only loaded here; everything else is
+    """On an empty Numba cache the backward and weight-gradient passes (and the augmentation's
+    kernel, when asked) are compiled by the helper process and only loaded here; everything else is
     compiled here, once; a training step then compiles nothing more and gives the numbers of a
     model compiled all in one process. The package is a copy, imported through the first entry
     of sys.path: the helper must compile that copy, not the one at the repository's top."""
@@ -737,17 +769,17 @@ def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path)
                "NumbaLeNet5.compile(np.float32, 'adam', affine_augmentation=True)\n"
                "def counts(dispatcher):\n"
                "    return sum(dispatcher.stats.cache_hits.values()), sum(dispatcher.stats.cache_misses.values())\n"
-               "assert counts(kernels.backward_images) == (1, 0), counts(kernels.backward_images)\n"
-               "assert counts(warp_bilinear_kernel) == (1, 0), counts(warp_bilinear_kernel)\n"
-               "for compiled_here in (kernels.forward_images, kernels.weight_grads, kernels.on_threads):\n"
+               "for from_the_helper in (kernels.backward_images, kernels.weight_grads, warp_bilinear_kernel):\n"
+               "    assert counts(from_the_helper) == (1, 0), (from_the_helper, counts(from_the_helper))\n"
+               "for compiled_here in (kernels.forward_images, kernels.loss_images, kernels.on_threads):\n"
                "    assert counts(compiled_here) == (0, 1), (compiled_here, counts(compiled_here))\n"
                "model = LeNet5(seed=0, backend='numba')\n"
                "optimizer = Adam(model.parameters(), lr=0.1)\n"
                "x = np.random.default_rng(0).random((5, 1, 32, 32), np.float32)\n"
                "model.forward_backward(x, np.arange(5))\n"
                "optimizer.step()\n"
-               "passes = (kernels.on_threads, kernels.forward_images, kernels.backward_images, kernels.weight_grads)\n"
-               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1]\n"
+               "passes = (kernels.on_threads, kernels.forward_images, kernels.loss_images, kernels.backward_images, kernels.weight_grads)\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1, 1]\n"
                f"np.save({str(tmp_path / 'weights.npy')!r}, model.flat_buffers()[0])\n",
                env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
     model = LeNet5(seed=0, backend="numba")     # compiled by this test session, in one process
