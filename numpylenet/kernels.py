@@ -1017,16 +1017,12 @@ def backward_images(flat_params, flat_grad, codes, work, t, lo, hi, input_grad):
 
 
 @kernel
-def _stored_place(index):
-    """Where ``work.conv_grads`` keeps ``flat_grad``'s entry ``index`` (< CONV_PARAMETERS): the
-    same place, but for conv2's weight, kept in the (i, j, c) order of its im2col
-    (:func:`permute_conv_weight`): torch's entry (o, c, k) sits at (o, k, c)."""
-    first, end = _OFFSETS[2], _OFFSETS[3]
-    if index < first or index >= end:
-        return index
-    o, c_k = divmod(index - first, CONV2_COLUMNS)
-    c, k = divmod(c_k, KERNEL_AREA)
-    return first + o * CONV2_COLUMNS + k * CONV1_CHANNELS + c
+def _add_threads_sum(conv_grads, stored, flat_grad, index):
+    """flat_grad[index] += the sum over threads of conv_grads[:, stored]."""
+    total = conv_grads[0, stored]
+    for other in range(1, conv_grads.shape[0]):
+        total += conv_grads[other, stored]
+    flat_grad[index] += total
 
 
 @kernel
@@ -1044,14 +1040,21 @@ def weight_grads(flat_params, flat_grad, codes, work, t, lo, hi, input_grad):
     dense_weight_grad(work.grad_logits, work.fc1, grads.fc2, t, threads)
     dense_weight_grad(work.grad_fc1, work.conv3, grads.fc1, t, threads)
     dense_weight_grad(work.grad_conv3, pool2, grads.conv3, t, threads)
-    conv_grads, entries = work.conv_grads, work.conv_grads.shape[1]
     # flat_grad += (the threads' sum), for conv1 and conv2: one addition per step, as the reference.
-    for i in range(t * entries // threads, (t + 1) * entries // threads):
-        stored = _stored_place(i)
-        total = conv_grads[0, stored]
-        for other in range(1, threads):
-            total += conv_grads[other, stored]
-        flat_grad[i] += total
+    # conv2's weight, rows part t, from the (i, j, c) order of its im2col (see permute_conv_weight)
+    # back to torch's (c, i, j): entry (o, c, k) is kept at (o, k, c).
+    conv2_weight_start, conv2_bias_start = _OFFSETS[2], _OFFSETS[3]
+    for o in range(t * CONV2_CHANNELS // threads, (t + 1) * CONV2_CHANNELS // threads):
+        row = conv2_weight_start + o * CONV2_COLUMNS
+        for c in range(CONV1_CHANNELS):
+            for k in range(KERNEL_AREA):
+                _add_threads_sum(work.conv_grads, row + k * CONV1_CHANNELS + c, flat_grad, row + c * KERNEL_AREA + k)
+    # conv1's weight and bias, then conv2's bias, kept in place: entries part t of them.
+    conv1_entries = conv2_weight_start
+    others = conv1_entries + CONV2_CHANNELS
+    for entry in range(t * others // threads, (t + 1) * others // threads):
+        index = entry if entry < conv1_entries else conv2_bias_start + entry - conv1_entries
+        _add_threads_sum(work.conv_grads, index, flat_grad, index)
 
 
 @kernel
