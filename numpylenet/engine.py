@@ -33,6 +33,7 @@ from numba.core.caching import NullCache
 from . import kernels
 from .blas import blas_threads, set_blas_threads
 from .names import DTYPE_NAMES, OPTIMIZER_NAMES
+from .numba_cache import SafeFunctionCache
 
 __all__ = ["NumbaLeNet5", "start_thread_pool", "fused_adam_step", "fused_sgd_step", "warmup"]
 
@@ -283,11 +284,14 @@ class _CompileRun:
 
     def backward_wants_compiling_into_the_cache(self) -> bool:
         """Whether Numba caches kernels on disk here and its cache does not hold the backward
-        pass's per-thread kernel for this dtype and CPU yet (the look-up, by the dispatcher's
-        cache object, that Numba itself starts compiling with)."""
+        pass's per-thread kernel for this dtype and CPU yet: no index file for it at all, or
+        else the look-up, by the dispatcher's cache object, that Numba itself starts compiling
+        with."""
         cache = kernels.backward_images._cache
         if isinstance(cache, NullCache):    # caching off: a helper's work would not reach us
             return False
+        if isinstance(cache, SafeFunctionCache) and not cache.has_index():
+            return True                     # nothing cached: the helper can start 0.4 s sooner
         return cache.load_overload(self.backward_signature, kernels.backward_images.targetctx) is None
 
     def affine_augmentation(self) -> None:

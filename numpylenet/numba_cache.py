@@ -22,6 +22,7 @@ them too. Seen here on 2026-11-29: ``parameter_views``' float32 entry held its f
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -71,6 +72,12 @@ class SafeFunctionCache(FunctionCache):
         self._cache_file = _LockedIndexDataCacheFile(cache_path=self._cache_path,
                                                      filename_base=self._impl.filename_base,
                                                      source_stamp=self._impl.locator.get_source_stamp())
+
+    def has_index(self) -> bool:
+        """Whether the kernel's index file exists: without it no signature can be in the cache.
+        A look-up (``load_overload``) would tell for sure, but Numba first initialises its
+        compiler for it (0.4 s here, most of it importing SciPy's BLAS when SciPy is installed)."""
+        return os.path.exists(self._cache_file._index_path)
 
     def _load_overload(self, sig, target_context):
         compiled = super()._load_overload(sig, target_context)

@@ -73,6 +73,18 @@ def test_an_entry_holding_another_signatures_code_is_compiled_anew(toy):
     assert loaded.returncode == 0, loaded.stderr
 
 
+def test_has_index_says_whether_anything_of_the_kernel_is_cached(toy):
+    run, cache = toy
+    program = ("assert toy.double._cache.has_index() is {}\n"
+               "toy.double(np.ones(3))\n"
+               "assert toy.double._cache.has_index()\n")
+    first = run(program.format(False))
+    assert first.returncode == 0, first.stderr
+    assert list(cache.rglob("toy.double-*.nbi"))
+    again = run(program.format(True))
+    assert again.returncode == 0, again.stderr
+
+
 def test_adding_an_entry_waits_for_the_index_lock(toy):
     """While another process holds the index's lock, a compile cannot save its entry: it returns
     only after the lock is released, and both entries are then in the index."""
