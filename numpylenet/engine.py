@@ -118,7 +118,7 @@ class NumbaLeNet5:
         self.work: kernels.Workspace | None = None
         self.threads = 0
         self._addresses: dict[str, kernels.KernelAddress] = {}
-        self._programs: dict[str, tuple[kernels.KernelAddress, ...]] = {}
+        self._programs: dict[str, np.ndarray] = {}      # name -> its passes' addresses
 
     @classmethod
     def for_model(cls, model) -> NumbaLeNet5:
@@ -197,8 +197,8 @@ class NumbaLeNet5:
         """Run ``PROGRAMS[program]`` with :func:`~numpylenet.kernels.on_threads`."""
         if program not in self._programs:
             names, _ = PROGRAMS[program]
-            self._programs[program] = tuple(self.per_thread(name) for name in names)
-        kernels.on_threads(*self._programs[program], self.flat_data, self.flat_grad, self.codes, work,
+            self._programs[program] = np.array([self.per_thread(name).address for name in names], np.uint64)
+        kernels.on_threads(self._programs[program], self.flat_data, self.flat_grad, self.codes, work,
                            input_grad, PROGRAMS[program][1])
 
     @classmethod
@@ -259,13 +259,12 @@ def _start_helper(dtype: np.dtype, affine_augmentation: bool) -> subprocess.Pope
 
 # The per-thread passes that kernels.on_threads runs, by name.
 PER_THREAD_PASSES = {"forward": kernels.forward_images, "loss": kernels.loss_images,
-                     "backward": kernels.backward_images, "weight_grads": kernels.weight_grads,
-                     "none": kernels.no_pass}
-# What NumbaLeNet5 runs with kernels.on_threads: name -> (its three passes, by sub-batch?)
-PROGRAMS = {"forward": (("forward", "none", "none"), False),
+                     "backward": kernels.backward_images, "weight_grads": kernels.weight_grads}
+# What NumbaLeNet5 runs with kernels.on_threads: name -> (its passes, by sub-batch?)
+PROGRAMS = {"forward": (("forward",), False),
             "train": (("forward", "loss", "backward"), True),
-            "backward": (("backward", "none", "none"), False),
-            "weight_grads": (("weight_grads", "none", "none"), False)}
+            "backward": (("backward",), False),
+            "weight_grads": (("weight_grads",), False)}
 
 
 class _CompileRun:

@@ -93,7 +93,8 @@ from typing import NamedTuple
 import llvmlite.binding as llvm
 import numpy as np
 from numba import prange, typeof, types
-from numba.extending import typeof_impl
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .blas import LIBRARY, gemm_address
 from .numba_cache import kernel
@@ -106,7 +107,7 @@ __all__ = [
     "pool_forward", "pool_activation_backward", "conv1_forward", "conv1_backward", "conv2_forward",
     "conv2_backward", "dense_forward", "dense_backward", "dense_weight_grad", "Parameters", "parameter_views",
     "Workspace", "make_workspace", "KernelAddress", "forward_images", "loss_images", "backward_images",
-    "weight_grads", "no_pass", "on_threads", "cross_entropy_rows", "adam_step", "sgd_step",
+    "weight_grads", "on_threads", "cross_entropy_rows", "adam_step", "sgd_step",
 ]
 
 
@@ -911,46 +912,49 @@ def make_workspace(batch_size: int, threads: int, dtype) -> Workspace:
 # The whole network: LeNet5.forward and LeNet5.backward
 # --------------------------------------------------------------------------------------------
 
-# The parallel kernel, on_threads, takes the per-thread pass (forward_images, backward_images,
-# weight_grads) as an argument, a function pointer, instead of calling it by name. Called by name,
-# Numba would link the whole network's code into the parallel kernel's module, and into each of the
-# three modules that a parallel loop adds (the loop body, its gufunc wrapper, the thread launcher),
-# optimising and emitting it again in each: 18 of the 37 s that compiling took on an empty cache.
-# Called through a pointer, each of those modules holds a few loops, and the network is compiled
-# once. The price is in the dispatch from Python, which hands Numba the pointer: about 5 us per
-# pass, invisible in a training step (~1 ms), visible in the latency of a single image
-# (36 -> 43 us).
+# The parallel kernel, on_threads, takes the per-thread passes (forward_images, loss_images,
+# backward_images, weight_grads) as the addresses of their compiled code, instead of calling them
+# by name. Called by name, Numba would link the whole network's code into the parallel kernel's
+# module, and into each of the three modules that a parallel loop adds (the loop body, its gufunc
+# wrapper, the thread launcher), optimising and emitting it again in each: 18 of the 37 s that
+# compiling took on an empty cache. Called through a pointer, each of those modules holds a few
+# loops, and the network is compiled once. The addresses travel as plain integers, in an array:
+# handed over as Numba's first-class functions (objects with a ``__wrapper_address__``), each
+# would cost about 4 us at every call, Numba unpickling its signature twice to unbox it.
 
-class KernelAddress(types.WrapperAddressProtocol):
-    """A compiled kernel, handed to another kernel as a function pointer.
-
-    Numba types it as a first-class function of ``void(typeof(arg) for arg in example_args)``;
-    building it compiles ``dispatcher`` for that signature (or loads it from Numba's cache).
-    """
+class KernelAddress:
+    """A kernel compiled for the types of ``example_args`` (or loaded from Numba's cache), and
+    the address of its code, ``address``, for :func:`on_threads` to call."""
 
     def __init__(self, dispatcher, example_args: tuple):
-        self._signature = self.signature_of(example_args)
-        self.numba_type = types.FunctionType(self._signature)
-        compiled = dispatcher.get_compile_result(self._signature)
-        self._address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_cfunc_wrapper_name)
+        self.signature = self.signature_of(example_args)
+        compiled = dispatcher.get_compile_result(self.signature)
+        self.address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_cfunc_wrapper_name)
 
     @staticmethod
     def signature_of(example_args: tuple):
         """The kernel's Numba signature for arguments like ``example_args``: ``void(...)``."""
         return types.void(*(typeof(arg) for arg in example_args))
 
-    def __wrapper_address__(self) -> int:
-        return self._address
 
-    def signature(self):
-        return self._signature
+@intrinsic
+def _pass_at(typingctx, address, flat_params, flat_grad, codes, work, input_grad):
+    """The per-thread pass whose code is at ``address`` (a :class:`KernelAddress`'s), as a
+    function to call with (flat_params, flat_grad, codes, work, t, lo, hi, input_grad) of the
+    types given: the value Numba itself builds for a first-class function (its C wrapper's
+    address, no Python object, no direct entry point). The address must be of a pass compiled
+    for exactly these types."""
+    pass_type = types.FunctionType(types.void(flat_params, flat_grad, codes, work, types.int64,
+                                              types.int64, types.int64, input_grad))
 
+    def codegen(context, builder, signature, args):
+        function = cgutils.create_struct_proxy(pass_type)(context, builder)
+        function.c_addr = builder.inttoptr(args[0], cgutils.voidptr_t)
+        function.py_addr = cgutils.get_null_value(cgutils.voidptr_t)
+        function.jit_addr = cgutils.get_null_value(cgutils.voidptr_t)
+        return function._getvalue()
 
-@typeof_impl.register(KernelAddress)
-def _typeof_kernel_address(value, context):
-    """Numba's type of a :class:`KernelAddress`, built once: Numba's own typeof builds it anew
-    at each call (7 us, twice per training step, from formatting the Workspace's type name)."""
-    return value.numba_type
+    return pass_type(address, flat_params, flat_grad, codes, work, input_grad), codegen
 
 
 # Every per-thread pass has this one signature, so that one parallel kernel, on_threads, runs them
@@ -1070,23 +1074,16 @@ def weight_grads(flat_params, flat_grad, codes, work, t, lo, hi, input_grad):
         _add_threads_sum(work.conv_grads, index, flat_grad, index)
 
 
-@kernel
-def no_pass(flat_params, flat_grad, codes, work, t, lo, hi, input_grad):
-    """A per-thread pass that does nothing: fills the unused places of a :func:`on_threads` program."""
-
-
 @kernel(parallel=True)
-def on_threads(first, second, third, flat_params, flat_grad, codes, work, input_grad, by_sub_batch):
-    """Run a program of three per-thread passes on every thread t of ``work`` (T threads, one
-    parallel region), after reordering conv2's weight into ``work.conv2_weight`` for the threads
-    to share. Thread t takes the slice lo:hi of the batch's N images (t N / T up to (t + 1) N / T)
-    and runs ``per_thread(flat_params, flat_grad, codes, work, t, start, stop, input_grad)`` for
-    ``first``, ``second`` and ``third`` in turn: once on the whole slice, or, if ``by_sub_batch``,
-    on each SUB_BATCH images of it in turn, all three passes on one before the next. (The passes
-    are three arguments, not a tuple: Numba would type a tuple of functions anew at every call.)
+def on_threads(program, flat_params, flat_grad, codes, work, input_grad, by_sub_batch):
+    """Run a program of per-thread passes on every thread t of ``work`` (T threads, one parallel
+    region), after reordering conv2's weight into ``work.conv2_weight`` for the threads to share.
+    Thread t takes the slice lo:hi of the batch's N images (t N / T up to (t + 1) N / T) and runs
+    ``per_thread(flat_params, flat_grad, codes, work, t, start, stop, input_grad)`` for each pass
+    of ``program`` in turn: once on the whole slice, or, if ``by_sub_batch``, on each SUB_BATCH
+    images of it in turn, all the passes on one before the next.
 
-    :class:`numpylenet.engine.NumbaLeNet5` runs the network with these programs (unused places
-    hold :func:`no_pass`):
+    :class:`numpylenet.engine.NumbaLeNet5` runs the network with these programs:
 
     * forward: :func:`forward_images` on each slice: logits ``work.logits`` (N, 10) for the images
       ``work.x`` (N, 1, 32, 32), storing in ``work`` every activation the backward pass needs;
@@ -1102,7 +1099,8 @@ def on_threads(first, second, third, flat_params, flat_grad, codes, work, input_
 
     Parameters
     ----------
-    first, second, third : per-thread passes, each by address as a :class:`KernelAddress`
+    program : ndarray, shape (passes,), uint64: the passes' addresses (:class:`KernelAddress`),
+        each compiled for exactly the types of the arguments below
     flat_params : ndarray, shape (NUM_PARAMETERS,), the model's flat parameter buffer
     flat_grad : ndarray, shape (NUM_PARAMETERS,), the model's flat gradient
     codes : Codes
@@ -1119,9 +1117,9 @@ def on_threads(first, second, third, flat_params, flat_grad, codes, work, input_
         step = SUB_BATCH if by_sub_batch else max(hi - lo, 1)
         for start in range(lo, hi, step):
             stop = min(start + step, hi)
-            first(flat_params, flat_grad, codes, work, t, start, stop, input_grad)
-            second(flat_params, flat_grad, codes, work, t, start, stop, input_grad)
-            third(flat_params, flat_grad, codes, work, t, start, stop, input_grad)
+            for address in program:
+                per_thread = _pass_at(address, flat_params, flat_grad, codes, work, input_grad)
+                per_thread(flat_params, flat_grad, codes, work, t, start, stop, input_grad)
 
 
 # --------------------------------------------------------------------------------------------
