@@ -240,8 +240,8 @@ class NumbaLeNet5:
 
 def _start_helper(dtype: np.dtype, affine_augmentation: bool) -> subprocess.Popen | None:
     """Start the process that compiles the backward and weight-gradient passes (and the affine
-    augmentation's kernel) into Numba's cache, or None if it cannot start. Its output is dropped: should
-    it fail, :meth:`NumbaLeNet5.compile` compiles the kernels itself and reports any error."""
+    augmentation's kernel) into Numba's cache, or None if it cannot start. Its output is dropped:
+    should it fail, :meth:`NumbaLeNet5.compile` compiles the kernels itself and reports any error."""
     # The helper imports this very package, wherever (and under whatever name) it was imported here.
     package_folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     program = (f"import sys\nsys.path.insert(0, {package_folder!r})\n"
@@ -269,8 +269,8 @@ PROGRAMS = {"forward": (("forward",), False),
 
 class _CompileRun:
     """An engine on zero weights and a batch of two zero images, for :meth:`NumbaLeNet5.compile`,
-    whose two halves (what the forward pass, the loss and the optimisers need; what the backward
-    pass needs) can run in separate processes."""
+    whose two halves (what the forward pass, the loss and the optimisers need; the backward and
+    weight-gradient passes) can run in separate processes."""
 
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)

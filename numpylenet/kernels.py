@@ -1065,7 +1065,8 @@ def weight_grads(flat_params, flat_grad, codes, work, t, lo, hi, input_grad):
         row = conv2_weight_start + o * CONV2_COLUMNS
         for c in range(CONV1_CHANNELS):
             for k in range(KERNEL_AREA):
-                _add_threads_sum(work.conv_grads, row + k * CONV1_CHANNELS + c, flat_grad, row + c * KERNEL_AREA + k)
+                stored, index = row + k * CONV1_CHANNELS + c, row + c * KERNEL_AREA + k
+                _add_threads_sum(work.conv_grads, stored, flat_grad, index)
     # conv1's weight and bias, then conv2's bias, kept in place: entries part t of them.
     conv1_entries = conv2_weight_start
     others = conv1_entries + CONV2_CHANNELS

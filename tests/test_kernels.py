@@ -243,7 +243,8 @@ def check_conv2(activation, pool, shape, dtype=np.float64, cols_ready=True):
     kernels.conv2_backward(grad_pooled, nhwc(x), y, (weight, conv.bias.data), codes(activation, pool),
                            grad_conv2=grad_conv2, cols=cols, cols_ready=cols_ready, grad_z=grad_z,
                            grad_x=grad_x)
-    grad_weight = (grad_conv2[0] - 1).reshape(out_channels, 25, in_channels).transpose(0, 2, 1)  # torch's order
+    # back to torch's (c, i, j) order
+    grad_weight = (grad_conv2[0] - 1).reshape(out_channels, 25, in_channels).transpose(0, 2, 1)
     assert_close(f"conv2 {activation}/{pool} {shape}", {
         "y": (nchw(y), y_ref), "pooled": (pooled, pooled_ref), "grad_x": (nchw(grad_x), grad_x_ref),
         "grad_weight": (grad_weight.reshape(out_channels, -1), conv.weight.grad.reshape(out_channels, -1)),
@@ -332,7 +333,8 @@ def test_workspace_sizes_follow_the_network():
     assert work.conv1.shape[:3] == conv1.shape[:3] and work.pool1.shape == nhwc(pool1).shape
     assert work.conv2.shape == nhwc(conv2).shape and work.pool2.shape == pool2.shape
     assert (work.conv3.shape, work.fc1.shape, work.logits.shape) == (conv3.shape, fc1.shape, logits.shape)
-    exact = {"labels": np.int64, "cols2_images": np.int64, "label_smoothing": np.float64, "losses": np.float64}
+    exact = {"labels": np.int64, "cols2_images": np.int64, "label_smoothing": np.float64,
+             "losses": np.float64}
     assert all(array.dtype == exact.get(name, np.float32) for name, array in zip(work._fields, work))
     assert work.labels.shape == (3,) and work.losses.shape == (2,)
     assert (work.cols2_images == -1).all()          # no thread's im2col holds any image yet
@@ -384,7 +386,8 @@ def check_loss(dtype, batch_size, label_smoothing, scale=3.0, parts=1):
     total = 0.0
     for part in range(parts):
         rows = slice(part * batch_size // parts, (part + 1) * batch_size // parts)
-        total += kernels.cross_entropy_rows(logits[rows], labels[rows], label_smoothing, batch_size, grad[rows])
+        total += kernels.cross_entropy_rows(logits[rows], labels[rows], label_smoothing, batch_size,
+                                            grad[rows])
     expected_loss, expected_grad = softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
     assert_close(f"loss kernel {np.dtype(dtype)} N={batch_size} eps={label_smoothing} in {parts} parts",
                  {"loss": (np.array(total / batch_size), np.array(expected_loss)),
@@ -485,7 +488,8 @@ def test_backward_twice_after_one_forward():
     model.forward(x)
     grads = [model.backward(grad_logits) for _ in range(2)]
     assert_close("backward twice", {"grad_x": (grads[1], grads[0]),
-                                     "grads": (model.flat_grad, 2 * reference.flat_grad)}, tolerance(np.float64))
+                                     "grads": (model.flat_grad, 2 * reference.flat_grad)},
+                 tolerance(np.float64))
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -717,14 +721,16 @@ def test_compile_prepares_only_the_runs_optimizer(optimizer, unused):
                f"NumbaLeNet5.compile(np.float32, {optimizer!r})\n"
                f"assert len(kernels.{used}.signatures) == 1\n"
                f"assert not kernels.{unused}.signatures, 'compiled the other optimiser too'\n"
-               "passes = (kernels.on_threads, kernels.forward_images, kernels.loss_images, kernels.backward_images, kernels.weight_grads)\n"
+               "passes = (kernels.on_threads, kernels.forward_images, kernels.loss_images,\n"
+               "          kernels.backward_images, kernels.weight_grads)\n"
                "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1, 1]\n"
                "model = LeNet5(seed=0, backend='numba')\n"
                f"optimizer = {{'sgd': SGD, 'adam': Adam}}[{optimizer!r}](model.parameters(), lr=0.1)\n"
                "logits = model.forward(np.zeros((5, 1, 32, 32), np.float32))\n"
                "model.backward(softmax_cross_entropy(logits, np.arange(5))[1], input_grad=False)\n"
                "optimizer.step()\n"
-               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1, 1], 'a step compiled more'\n"
+               "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1, 1], \\\n"
+               "    'a step compiled more'\n"
                f"assert len(kernels.{used}.signatures) == 1 and not kernels.{unused}.signatures\n")
 
 
@@ -769,7 +775,8 @@ def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path)
                "NumbaLeNet5.compile(np.float32, 'adam', affine_augmentation=True)\n"
                "def counts(dispatcher):\n"
                "    return sum(dispatcher.stats.cache_hits.values()), sum(dispatcher.stats.cache_misses.values())\n"
-               "for from_the_helper in (kernels.backward_images, kernels.weight_grads, warp_bilinear_kernel):\n"
+               "helper_kernels = (kernels.backward_images, kernels.weight_grads, warp_bilinear_kernel)\n"
+               "for from_the_helper in helper_kernels:\n"
                "    assert counts(from_the_helper) == (1, 0), (from_the_helper, counts(from_the_helper))\n"
                "for compiled_here in (kernels.forward_images, kernels.loss_images, kernels.on_threads):\n"
                "    assert counts(compiled_here) == (0, 1), (compiled_here, counts(compiled_here))\n"
@@ -778,7 +785,8 @@ def test_a_cold_compile_has_a_helper_process_compile_the_backward_pass(tmp_path)
                "x = np.random.default_rng(0).random((5, 1, 32, 32), np.float32)\n"
                "model.forward_backward(x, np.arange(5))\n"
                "optimizer.step()\n"
-               "passes = (kernels.on_threads, kernels.forward_images, kernels.loss_images, kernels.backward_images, kernels.weight_grads)\n"
+               "passes = (kernels.on_threads, kernels.forward_images, kernels.loss_images,\n"
+               "          kernels.backward_images, kernels.weight_grads)\n"
                "assert [len(kernel.signatures) for kernel in passes] == [1, 1, 1, 1, 1]\n"
                f"np.save({str(tmp_path / 'weights.npy')!r}, model.flat_buffers()[0])\n",
                env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
