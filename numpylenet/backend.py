@@ -39,9 +39,13 @@ def numba_unavailable_reason() -> str | None:
         from . import kernels  # noqa: F401  (imports Numba; compiles nothing, starts no threads)
     except ImportError as error:
         return f"numba does not import ({error})"
+    from numba import config
+
     from .blas import LIBRARY
     if LIBRARY is None:
         return "NumPy's OpenBLAS library was not found (the numba kernels call its ?gemm)"
+    if config.DISABLE_JIT:
+        return "NUMBA_DISABLE_JIT is set (the engine runs compiled kernels only)"
     return None
 
 

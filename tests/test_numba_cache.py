@@ -133,3 +133,19 @@ def test_safe_cache_leaves_a_plain_function_alone():
         return x
 
     assert safe_cache(plain) is plain
+
+
+def test_with_numba_disable_jit_the_numba_backend_says_it_is_unavailable():
+    """Under NUMBA_DISABLE_JIT=1 the kernels are plain Python functions, which the engine cannot
+    run: models default to numpy, and asking for numba is a clear error, not an AttributeError."""
+    program = ("import numpy as np, pytest\n"
+               "from numpylenet import LeNet5\n"
+               "from numpylenet.backend import numba_unavailable_reason, resolve_backend\n"
+               "assert 'NUMBA_DISABLE_JIT' in numba_unavailable_reason()\n"
+               "assert resolve_backend() == 'numpy'\n"
+               "assert LeNet5().forward(np.zeros((1, 1, 32, 32))).shape == (1, 10)\n"
+               "with pytest.raises(ValueError, match='numba backend is unavailable: NUMBA_DISABLE_JIT'):\n"
+               "    LeNet5(backend='numba')\n")
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "NUMBA_DISABLE_JIT": "1", "NUMPYLENET_BACKEND": ""})
+    assert result.returncode == 0, result.stderr
