@@ -118,7 +118,7 @@ class NumbaLeNet5:
         self.work: kernels.Workspace | None = None
         self.threads = 0
         self._addresses: dict[str, kernels.KernelAddress] = {}
-        self._programs: dict[str, np.ndarray] = {}      # name -> its passes' addresses
+        self._programs: dict[str, tuple[np.ndarray, bool]] = {}    # PROGRAMS, with addresses
 
     @classmethod
     def for_model(cls, model) -> NumbaLeNet5:
@@ -167,10 +167,7 @@ class NumbaLeNet5:
         """
         work = self.work
         np.copyto(work.grad_logits, grad_logits)
-        work.conv_grads.fill(0)
-        with _kernel_threads(self.threads):
-            self._run("backward", work, bool(input_grad))
-            self._run("weight_grads", work, False)     # needs every thread's backward pass done
+        self._backward_regions("backward", work, bool(input_grad))
         return work.grad_x.copy() if input_grad else None
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0) -> float:
@@ -187,19 +184,26 @@ class NumbaLeNet5:
         np.copyto(work.labels, labels)
         work.label_smoothing[0] = label_smoothing
         work.losses.fill(0)
+        self._backward_regions("train", work, False)
+        return float(work.losses.sum()) / x.shape[0]
+
+    def _backward_regions(self, program: str, work: kernels.Workspace, input_grad: bool) -> None:
+        """``program`` (one that ends with the backward pass) into the threads' zeroed conv
+        gradients, then the weight gradients, which need every thread's backward pass done."""
         work.conv_grads.fill(0)
         with _kernel_threads(self.threads):
-            self._run("train", work, False)
-            self._run("weight_grads", work, False)     # needs every thread's backward pass done
-        return float(work.losses.sum()) / x.shape[0]
+            self._run(program, work, input_grad)
+            self._run("weight_grads", work, False)
 
     def _run(self, program: str, work: kernels.Workspace, input_grad: bool) -> None:
         """Run ``PROGRAMS[program]`` with :func:`~numpylenet.kernels.on_threads`."""
         if program not in self._programs:
-            names, _ = PROGRAMS[program]
-            self._programs[program] = np.array([self.per_thread(name).address for name in names], np.uint64)
-        kernels.on_threads(self._programs[program], self.flat_data, self.flat_grad, self.codes, work,
-                           input_grad, PROGRAMS[program][1])
+            names, by_sub_batch = PROGRAMS[program]
+            addresses = np.array([self.per_thread(name).address for name in names], np.uint64)
+            self._programs[program] = (addresses, by_sub_batch)
+        addresses, by_sub_batch = self._programs[program]
+        kernels.on_threads(addresses, self.flat_data, self.flat_grad, self.codes, work, input_grad,
+                           by_sub_batch)
 
     @classmethod
     def compile(cls, dtype, optimizer: str | None = None, helper_process: bool = True,

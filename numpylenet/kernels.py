@@ -927,8 +927,7 @@ class KernelAddress:
     the address of its code, ``address``, for :func:`on_threads` to call."""
 
     def __init__(self, dispatcher, example_args: tuple):
-        self.signature = self.signature_of(example_args)
-        compiled = dispatcher.get_compile_result(self.signature)
+        compiled = dispatcher.get_compile_result(self.signature_of(example_args))
         self.address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_cfunc_wrapper_name)
 
     @staticmethod
