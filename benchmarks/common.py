@@ -455,13 +455,14 @@ def throughput_main(argv: list[str] | None, name: str, description: str,
 def throughput_rows(timings: Mapping[tuple[str, int], Timing], flops_per_image: int,
                     peak_flops: float) -> list[dict]:
     """Per (framework, batch size) timing of one batch: images/s, median microseconds per call,
-    the speed relative to each of :data:`BASELINES` timed at the same batch size (``speed_vs``;
-    ``speed_vs_torch`` repeats torch eager's), and the share of ``peak_flops`` (FLOP/s) reached.
-    Sorted by batch size, then baselines first in their order, then the others by name."""
+    the speed relative to each of :data:`BASELINES` timed at the same batch size (``speed_vs``,
+    :func:`paired_speed`; ``speed_vs_torch`` repeats torch eager's), and the share of
+    ``peak_flops`` (FLOP/s) reached. Sorted by batch size, then baselines first in their order,
+    then the others by name."""
     rows = []
     for (framework, batch_size), timing in timings.items():
         images_per_second = batch_size / timing.median
-        speed_vs = {baseline: timings[baseline, batch_size].median / timing.median
+        speed_vs = {baseline: paired_speed(timings[baseline, batch_size], timing)
                     for baseline in BASELINES if (baseline, batch_size) in timings}
         rows.append({"framework": framework, "batch_size": batch_size,
                      "images_per_second": images_per_second,
@@ -471,6 +472,19 @@ def throughput_rows(timings: Mapping[tuple[str, int], Timing], flops_per_image: 
                      "timing": timing.to_json()})
     rows.sort(key=lambda row: (row["batch_size"], _framework_order(row["framework"])))
     return rows
+
+
+def paired_speed(baseline: Timing, contender: Timing) -> float:
+    """How many times faster ``contender`` ran than ``baseline``: the median, over the rounds of
+    :func:`interleaved_timings`, of baseline seconds / contender seconds in the same round (the
+    ratio of the two medians if their repeats do not pair up).
+
+    Paired by round because the machine's speed drifts: these VMs switch between two speed
+    levels, ~28% apart, for minutes at a time, so the two medians can come from rounds at
+    different levels; the two timings of one round, seconds apart, nearly always share one."""
+    if len(baseline.seconds) != len(contender.seconds):
+        return baseline.median / contender.median
+    return statistics.median(base / ours for base, ours in zip(baseline.seconds, contender.seconds))
 
 
 def _framework_order(framework: str) -> tuple[int, str]:
@@ -511,7 +525,8 @@ def throughput_table(rows: Sequence[dict], cores: int, latency_batch: int | None
     return (f"{side_by_side}\n\nImages per second (share of the FP32 peak of {cores} "
             f"core{'s' if cores > 1 else ''}), median of the repeats; every framework on the same "
             f"weights and batches, interleaved in one process.\n\n{ratios}\n\n"
-            f"Speed = the baseline's time per batch / numpylenet's (above 1: numpylenet is faster).")
+            f"Speed = the baseline's time per batch / numpylenet's in the same round, median over the rounds "
+            f"(above 1: numpylenet is faster).")
 
 
 def publish(args: argparse.Namespace, name: str, content: dict, note: str = "") -> dict:
