@@ -477,17 +477,6 @@ def _add_column_sums(matrix, out):
 # rows: computed, never used, and their gradient is 0.
 
 
-@kernel(inline='always')
-def _tap_row(weight, c, i):
-    """The five weights (i, 0) .. (i, 4) of channel c's 5x5 kernel, a row of ``weight`` (C, 25) in
-    (i, j) order; five zeros for a channel c >= C."""
-    if c >= weight.shape[0]:
-        zero = weight.dtype.type(0)
-        return zero, zero, zero, zero, zero
-    first = i * KERNEL
-    return weight[c, first], weight[c, first + 1], weight[c, first + 2], weight[c, first + 3], weight[c, first + 4]
-
-
 @kernel(fastmath=True, inline='always')
 def conv1_forward(x, conv1, codes, y, pooled):
     """conv1's forward pass: :class:`numpylenet.layers.Conv2d` (one input channel, 5x5), then the
@@ -513,32 +502,19 @@ def conv1_forward(x, conv1, codes, y, pooled):
     n_images, channels, out_h, width = _unsigned_shape(y)
     pooled_h, pooled_w = np.uint64(pooled.shape[1]), np.uint64(pooled.shape[2])
     span = (out_h - _ONE) * width + width - np.uint64(KERNEL - 1)
+    one = y.dtype.type(1)
     scale = y.dtype.type(1.0 / (POOL * POOL))
-    last = weight.shape[0] - 1
     for n in range(n_images):
         image = x[n, 0].ravel()
-        # Three channels at a time, one row i of taps at a time: each image value loaded feeds
-        # 15 multiply-adds, with those 15 weights in registers (all 25 taps of one channel per
-        # pass fed one each, and most loads a vector straddling two cache lines: conv1's forward
-        # pass took 5.6 us an image, against 5.0). Each output now starts from its bias, and
-        # adds its products a row of five at a time. Past the last channel, a group repeats the
-        # last one with weights 0: its sums add 0 to the same entries.
-        for c in range(0, weight.shape[0], 3):
-            z0, z1, z2 = y[n, c].ravel(), y[n, min(c + 1, last)].ravel(), y[n, min(c + 2, last)].ravel()
-            z0[:span], z1[:span], z2[:span] = bias[c], bias[min(c + 1, last)], bias[min(c + 2, last)]
-            for i in range(KERNEL):
-                row = image[np.uint64(i) * width:]
-                u0, u1, u2, u3, u4 = _tap_row(weight, c, i)
-                v0, v1, v2, v3, v4 = _tap_row(weight, c + 1, i)
-                w0, w1, w2, w3, w4 = _tap_row(weight, c + 2, i)
-                for p in range(span):
-                    r0, r1, r2 = row[p], row[p + _ONE], row[p + np.uint64(2)]
-                    r3, r4 = row[p + np.uint64(3)], row[p + np.uint64(4)]
-                    z0[p] += u0 * r0 + u1 * r1 + u2 * r2 + u3 * r3 + u4 * r4
-                    z1[p] += v0 * r0 + v1 * r1 + v2 * r2 + v3 * r3 + v4 * r4
-                    z2[p] += w0 * r0 + w1 * r1 + w2 * r2 + w3 * r3 + w4 * r4
         for c in range(channels):
             z = y[n, c].ravel()
+            for p in range(span):
+                total = one - one           # 0 in y's dtype
+                for i in range(KERNEL):
+                    for j in range(KERNEL):      # unrolled: 25 multiply-adds on shifted loads
+                        tap = np.uint64(i) * width + np.uint64(j)
+                        total += weight[c, i * KERNEL + j] * image[p + tap]
+                z[p] = total + bias[c]
             z[span:] = 0
             activate_in_place(z[:span], activation)
             # pool_forward on a transposed view of y computes the same, but its window size is a

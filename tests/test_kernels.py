@@ -210,7 +210,7 @@ def test_conv1_lenet_shape(activation, pool): check_conv1(activation, pool, (3, 
 @pytest.mark.parametrize("pool", POOL_NAMES)
 def test_conv1_odd_sizes_floor_mode(pool): check_conv1("tanh", pool, (2, 12, 9, 3))
 def test_conv1_batch1_float64(): check_conv1("relu", "max", (1, 32, 32, 6))
-@pytest.mark.parametrize("channels", [1, 2, 4, 5])   # conv1_forward sums three channels at a time
+@pytest.mark.parametrize("channels", [1, 2, 4, 5])
 def test_conv1_channel_counts(channels): check_conv1("relu", "avg", (2, 14, 13, channels))
 def test_conv1_max_pool_ties_go_to_the_first_pixel():
     # A blank image: every output of a channel is tanh(its bias), exactly, so every window is a
