@@ -222,8 +222,8 @@ class NumbaLeNet5:
         instead of ~13 s one after the other.
         Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
         ``affine_augmentation`` also compiles the kernel of :func:`numpylenet.augment.warp_bilinear`
-        for ``dtype`` (a run with affine augmentation meets it at its first batch), in the
-        helper process when there is one.
+        for ``dtype`` (a run with affine augmentation meets it at its first batch), here, while
+        the helper (whose share is the larger) is still at work.
         """
         dtype = np.dtype(dtype)
         if optimizer not in (None, *OPTIMIZER_NAMES):
@@ -231,29 +231,28 @@ class NumbaLeNet5:
         engine = _CompileRun(dtype)
         helper = None
         if helper_process and engine.backward_wants_compiling_into_the_cache():
-            helper = _start_helper(dtype, affine_augmentation)
+            helper = _start_helper(dtype)
         try:
             engine.forward(optimizer)
+            if affine_augmentation:
+                engine.affine_augmentation()
         finally:
             if helper is not None:
                 helper.wait()
         engine.backward()
-        if affine_augmentation:
-            engine.affine_augmentation()
 
 
-def _start_helper(dtype: np.dtype, affine_augmentation: bool) -> subprocess.Popen | None:
-    """Start the process that compiles the backward and weight-gradient passes (and the affine
-    augmentation's kernel) into Numba's cache, or None if it cannot start. Its output is dropped:
-    should it fail, :meth:`NumbaLeNet5.compile` compiles the kernels itself and reports any error."""
+def _start_helper(dtype: np.dtype) -> subprocess.Popen | None:
+    """Start the process that compiles the backward and weight-gradient passes into Numba's cache,
+    or None if it cannot start. Its output is dropped: should it fail,
+    :meth:`NumbaLeNet5.compile` compiles the kernels itself and reports any error."""
     # The helper imports this very package, wherever (and under whatever name) it was imported here.
     package_folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     program = (f"import sys\nsys.path.insert(0, {package_folder!r})\n"
                f"from {__name__} import _CompileRun\n"
                f"run = _CompileRun({dtype.name!r})\n"
                "run.engine.per_thread('backward')\n"
-               "run.engine.per_thread('weight_grads')\n"
-               + ("run.affine_augmentation()\n" if affine_augmentation else ""))
+               "run.engine.per_thread('weight_grads')\n")
     try:
         return subprocess.Popen([sys.executable, "-c", program],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -304,15 +303,23 @@ class _CompileRun:
         warp_bilinear(np.zeros((1, 2, 2), self.dtype), np.eye(2, 3)[np.newaxis])
 
     def forward(self, optimizer: str | None) -> None:
-        """The forward pass, the loss pass and ``optimizer``'s step (None: both optimisers)."""
+        """The parallel kernel, the loss pass, ``optimizer``'s step (None: both optimisers) and,
+        last, the forward pass.
+
+        Last, because the forward pass calls small kernels that the backward pass calls too
+        (the parameters' views, conv2's reordered weight): by then the helper process, which
+        compiles the backward pass, has put them in the cache, and they load instead of
+        compiling a second time (0.6 s less here)."""
         engine, data, grad = self.engine, self.engine.flat_data, self.engine.flat_grad
-        engine.forward(self.images)
         engine.per_thread("loss")
         state = np.zeros((2, kernels.NUM_PARAMETERS), self.dtype)
         if optimizer in (None, "adam"):
             fused_adam_step(data, grad, state[0], state[1], (1e-3, 1.0, 0.9, 0.999, 1e-8, 0.0))
         if optimizer in (None, "sgd"):
             fused_sgd_step(data, grad, state[0], (0.1, 0.9, 0.0, 0.0, False), first_step=True)
+        no_passes = np.zeros(0, np.uint64)
+        kernels.on_threads(no_passes, data, grad, engine.codes, engine.work, False, False)
+        engine.forward(self.images)
 
     def backward(self) -> None:
         """A training step's passes (the backward pass's one kernel serves it with and without dL/dx)."""
