@@ -223,7 +223,7 @@ class NumbaLeNet5:
         Pass ``helper_process=False`` when other processes are compiling at the same time anyway.
         ``affine_augmentation`` also compiles the kernel of :func:`numpylenet.augment.warp_bilinear`
         for ``dtype`` (a run with affine augmentation meets it at its first batch), here, while
-        the helper (whose share is the larger) is still at work.
+        the helper is still at work: with it, the two halves take about as long.
         """
         dtype = np.dtype(dtype)
         if optimizer not in (None, *OPTIMIZER_NAMES):
