@@ -26,6 +26,7 @@ __all__ = [
     "Parameter",
     "Layer",
     "check_weights",
+    "weights_as",
     "im2col",
     "col2im",
     "Conv2d",
@@ -107,6 +108,16 @@ def check_weights(arrays: Mapping[str, np.ndarray], what: str = "weights") -> No
             raise ValueError(f"{what} {name} is {value.dtype}; numpylenet takes float32 or float64 weights")
         if not np.isfinite(value).all():
             raise ValueError(f"{what} {name} holds NaN or infinite values")
+
+
+def weights_as(value, dtype: np.dtype, what: str, name: str) -> np.ndarray:
+    """``value`` (a checked weight, see :func:`check_weights`) cast to ``dtype``; ValueError if a
+    value finite in its own dtype is not in ``dtype`` (1e300 becomes inf in float32)."""
+    with np.errstate(over="ignore"):
+        cast = np.asarray(value).astype(dtype)
+    if not np.isfinite(cast).all():
+        raise ValueError(f"{what} {name} holds values too large for {np.dtype(dtype).name}")
+    return cast
 
 
 def check_float_array(x, layer: str, expected: str, ndim: int) -> np.ndarray:

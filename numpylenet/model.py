@@ -8,7 +8,7 @@ import numpy as np
 from .backend import resolve_backend
 from .loss import check_targets, softmax_cross_entropy
 from .layers import (AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, Parameter, ReLU,
-                     Sigmoid, Tanh, as_float_dtype, check_weights)
+                     Sigmoid, Tanh, as_float_dtype, check_weights, weights_as)
 from .names import ACTIVATION_NAMES, POOL_NAMES
 
 __all__ = ["LeNet5", "ACTIVATIONS", "POOLS"]
@@ -162,13 +162,15 @@ class LeNet5:
 
         x : (N, 1, 32, 32), floating-point;  labels : (N,), integers in [0, 10).
         """
+        # Checked before any pass runs, so that a rejected batch leaves the model as it was:
+        # backward still follows the last forward pass, on either backend.
+        x, labels = np.asarray(x), np.asarray(labels)
+        self._check_input(x)
+        check_targets(labels, x.shape[0], NUM_CLASSES, label_smoothing)
         if self.engine is None:
             loss, grad_logits = softmax_cross_entropy(self.forward(x), labels, label_smoothing=label_smoothing)
             self.backward(grad_logits, input_grad=False)
             return loss
-        x, labels = np.asarray(x), np.asarray(labels)
-        self._check_input(x)
-        check_targets(labels, x.shape[0], NUM_CLASSES, label_smoothing)
         self._forward_batch_size = x.shape[0]
         return self.engine.forward_backward(x, labels, label_smoothing)
 
@@ -212,20 +214,23 @@ class LeNet5:
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Copy values into the parameters; keys and shapes must match exactly, and every value must be
-        a finite float32 or float64 array (else ValueError, and no parameter changes)."""
+        a float32 or float64 array whose values are finite in the model's dtype (else ValueError,
+        and no parameter changes)."""
         params = dict(self.named_parameters())
         missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
         if missing or unexpected:
             raise ValueError(f"state_dict does not match LeNet5: missing keys {missing}, "
                              f"unexpected keys {unexpected}")
+        values = {}
         for name, param in params.items():
             value = np.asarray(state[name])
             if value.shape != param.data.shape:
                 raise ValueError(f"state_dict[{name!r}] has shape {value.shape}, "
                                  f"expected {param.data.shape}")
             check_weights({name: value}, "state_dict")
+            values[name] = weights_as(value, self.dtype, "state_dict", name)
         for name, param in params.items():
-            param.data[...] = state[name]
+            param.data[...] = values[name]
 
     def __repr__(self) -> str:
         body = "\n".join(f"  {layer!r}" for layer in self.layers)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import Parameter, check_weights
+from .layers import Parameter, check_weights, weights_as
 
 __all__ = ["Optimizer", "Adam", "SGD", "AdamStep", "SGDSettings", "find_fused_buffers", "state_key",
            "parse_state_key", "check_state"]
@@ -116,8 +116,9 @@ class Optimizer:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`state_dict` returned. ValueError, and nothing restored, for unknown keys,
-        wrong shapes, a ``step`` that is not a scalar integer >= 0, or buffers that are not finite
-        float32/float64 arrays."""
+        wrong shapes, a ``step`` that is not a scalar integer >= 0, buffers that are not float32/
+        float64 arrays finite in their parameter's dtype, or a parameter with some of its buffers
+        but not all (Adam's ``exp_avg.i`` without ``exp_avg_sq.i``)."""
         state = dict(state)
         if "step" not in state:
             raise ValueError("optimizer state is missing 'step'")
@@ -130,10 +131,21 @@ class Optimizer:
             if np.shape(value) != param.data.shape:
                 raise ValueError(f"optimizer state {key!r} has shape {np.shape(value)}, "
                                  f"expected {param.data.shape}")
-            buffers[name][index] = np.array(value, dtype=param.data.dtype)
+            buffers[name][index] = weights_as(value, param.data.dtype, "optimizer state", key)
+        for index in range(len(self.params)):
+            held = [name for name in self.buffer_names if buffers[name][index] is not None]
+            if held and len(held) < len(self.buffer_names):
+                lacking = [state_key(name, index) for name in self.buffer_names if name not in held]
+                raise ValueError(f"optimizer state has {state_key(held[0], index)} but not {', '.join(lacking)}")
         self.step_count = step_count
         for name, values in buffers.items():
             setattr(self, name, values)
+
+    def _partly_initialised(self, name: str) -> bool:
+        """Whether the buffer list ``name`` holds arrays for some parameters and not for others (a
+        partial state loaded), which a fused loop, with one first-step flag for all, cannot step."""
+        missing = [buffer is None for buffer in getattr(self, name)]
+        return any(missing) and not all(missing)
 
     def _flat_state(self, name: str) -> tuple[np.ndarray, bool]:
         """The per-parameter buffer list ``name`` as one flat array shaped like the fused
@@ -271,7 +283,9 @@ class SGD(Optimizer):
 
     def step(self) -> None:
         self.step_count += 1
-        if self.fused_buffers is not None:
+        # SGD starts a momentum buffer at b = g, not at 0: after a partial state, the NumPy loop
+        # takes this step (then every buffer exists, and the fused loop the next ones).
+        if self.fused_buffers is not None and not self._partly_initialised("momentum_buffer"):
             from .engine import fused_sgd_step      # only a numba-backend model's parameters get here
             buffer, first_step = (self._flat_state("momentum_buffer") if self.momentum
                                   else (self.fused_buffers[0][:0], False))

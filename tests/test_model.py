@@ -183,6 +183,36 @@ def test_load_state_dict_rejects_mismatches(change, named):
         assert np.array_equal(value, before[name]), f"a rejected load_state_dict changed {name}"
 
 
+def test_load_state_dict_rejects_weights_that_overflow_the_model_dtype():
+    """1e300 is a finite float64, but inf in a float32 model: refused, naming it, changing nothing."""
+    state = LeNet5(seed=0).state_dict()
+    state["fc2.bias"] = np.full(10, 1e300)
+    model = LeNet5(seed=5)
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"fc2\.bias holds values too large for float32"):
+        model.load_state_dict(state)
+    for name, kept in model.state_dict().items():
+        assert np.array_equal(kept, before[name]), name
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_a_rejected_training_batch_leaves_the_last_forward_pass_in_place(backend):
+    """forward_backward with a bad label raises before any pass runs: backward then still
+    follows the forward pass before it, exactly as in a model that never saw the bad batch."""
+    if backend == "numba" and numba_unavailable_reason() is not None:
+        pytest.skip(numba_unavailable_reason())
+    images, _ = batch(size=7)
+    grad_logits = np.random.default_rng(1).standard_normal((7, 10))
+    model, twin = LeNet5(dtype=np.float64, seed=0, backend=backend), LeNet5(dtype=np.float64, seed=0, backend=backend)
+    model.forward(images)
+    twin.forward(images)
+    with pytest.raises(ValueError, match="label"):
+        model.forward_backward(images[:3], np.array([0, 1, 10]))
+    assert np.array_equal(model.backward(grad_logits), twin.backward(grad_logits))
+    for (name, param), (_, twin_param) in zip(model.named_parameters(), twin.named_parameters()):
+        assert np.array_equal(param.grad, twin_param.grad), name
+
+
 @pytest.mark.parametrize("value", [
     pytest.param(np.full((10,), np.nan, np.float32), id="nan"),
     pytest.param(np.full((10,), np.inf, np.float64), id="inf"),

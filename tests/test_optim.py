@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 
 from helpers import assert_close  # noqa: E402
 from numpylenet import SGD, Adam, LeNet5, softmax_cross_entropy  # noqa: E402
+from numpylenet.backend import numba_unavailable_reason  # noqa: E402
 from reference import TorchLeNet5, copy_torch_to_numpy  # noqa: E402
 
 TRAJECTORY_TOLERANCE = 1e-8
@@ -182,6 +183,7 @@ def test_optimizer_load_state_dict_rejects_foreign_state():
     pytest.param(lambda s: s.update({"exp_avg.0": np.full_like(s["exp_avg.0"], np.nan)}), "exp_avg.0", id="nan_buffer"),
     pytest.param(lambda s: s.update({"exp_avg.0": s["exp_avg.0"].astype(np.complex128)}), "exp_avg.0",
                  id="complex_buffer"),
+    pytest.param(lambda s: s.pop("exp_avg_sq.3"), "has exp_avg.3 but not exp_avg_sq.3", id="half_a_pair"),
 ])
 def test_optimizer_load_state_dict_rejects_bad_values(change, message):
     """A documented ValueError (never a TypeError) naming the entry, and the old state kept."""
@@ -194,3 +196,36 @@ def test_optimizer_load_state_dict_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(state)
     assert target.step_count == 0 and all(buffer is None for buffer in target.exp_avg)
+
+
+def test_optimizer_load_state_dict_rejects_values_that_overflow_the_parameter_dtype():
+    """1e300 is a finite float64 but inf in a float32 model: refused, not loaded as inf."""
+    model = LeNet5(seed=0)                                   # float32
+    state = {"step": np.array(1), "exp_avg.9": np.zeros(10), "exp_avg_sq.9": np.full(10, 1e300)}
+    optimizer = Adam(model.parameters())
+    with pytest.raises(ValueError, match=r"exp_avg_sq\.9 holds values too large for float32"):
+        optimizer.load_state_dict(state)
+    assert optimizer.step_count == 0 and all(buffer is None for buffer in optimizer.exp_avg_sq)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    numba_unavailable_reason() is not None, reason="numba backend unavailable"))])
+def test_sgd_after_a_partial_state_starts_each_missing_buffer_at_the_gradient(backend):
+    """A state holding conv1.weight's momentum buffer only: torch's SGD steps that parameter
+    with b = momentum b + (1 - dampening) g and starts every other one at b = g. So must ours,
+    in the NumPy loop and in the fused loop of a numba model."""
+    hyper = {"lr": 0.1, "momentum": 0.9, "dampening": 0.5}
+    torch.manual_seed(0)
+    reference = TorchLeNet5("relu", "avg").double()
+    model = LeNet5(dtype=np.float64, seed=0, backend=backend)
+    copy_torch_to_numpy(reference, model)
+    buffer = np.random.default_rng(1).standard_normal(model.parameters()[0].data.shape)
+    optimizer, torch_optimizer = SGD(model.parameters(), **hyper), torch.optim.SGD(reference.parameters(), **hyper)
+    optimizer.load_state_dict({"step": np.array(3), "momentum_buffer.0": buffer})
+    torch_optimizer.state[next(reference.parameters())]["momentum_buffer"] = torch.from_numpy(buffer.copy())
+    losses = [(numpy_step(model, optimizer, images, labels), torch_step(reference, torch_optimizer, images, labels))
+              for images, labels in batches(2)]
+    assert_close(f"SGD after a partial state ({backend})",
+                 {"losses": tuple(np.array(side) for side in zip(*losses)),
+                  **{name: (param.data, torch_param.detach().numpy()) for (name, param), torch_param
+                     in zip(model.named_parameters(), reference.parameters())}}, TRAJECTORY_TOLERANCE)
