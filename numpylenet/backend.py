@@ -18,7 +18,7 @@ from .blas import set_blas_threads
 from .names import BACKEND_NAMES
 
 __all__ = ["ENVIRONMENT_VARIABLE", "resolve_backend", "numba_unavailable_reason", "available_cores",
-           "set_threads", "COMPILE_SECONDS"]
+           "thread_limit", "set_threads", "COMPILE_SECONDS"]
 
 ENVIRONMENT_VARIABLE = "NUMPYLENET_BACKEND"
 
@@ -75,6 +75,20 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def thread_limit(backend: str) -> tuple[int, str]:
+    """The most threads a run on ``backend`` ("numpy" or "numba") computes with, and what sets
+    that limit, in words: the cores available (:func:`available_cores`), and for numba also the
+    threads Numba launched with (``NUMBA_NUM_THREADS``), which :func:`set_threads` cannot exceed."""
+    cores = available_cores()
+    if backend == "numba":
+        import numba
+
+        launched = numba.config.NUMBA_NUM_THREADS
+        if launched < cores:
+            return launched, f"NUMBA_NUM_THREADS={launched}, the threads Numba launched with"
+    return cores, f"the {cores} cores available"
 
 
 def set_threads(count: int) -> int:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import DATASETS
 from .files import atomic_write, json_text, open_regular
 from .layers import check_weights
 from .optim import check_state as check_optimizer_state
@@ -130,7 +131,7 @@ class Progress:
                                           _is_non_negative))
         _require(record["step_losses"], "progress step_losses", "a list of finite numbers",
                  lambda v: isinstance(v, list) and all(_is_finite(x) for x in v))
-        _require(record["dataset"], "progress dataset", "a string", lambda v: isinstance(v, str))
+        _require(record["dataset"], "progress dataset", f"one of {', '.join(DATASETS)}", lambda v: v in DATASETS)
         best = record["best_valid_loss"]
         _require(best, "progress best_valid_loss", "null or a finite number >= 0",
                  lambda v: v is None or _is_non_negative(v))
@@ -287,6 +288,12 @@ def check_parts(parts: dict, model: dict[str, np.ndarray], optimizer: dict[str, 
         check_history(parts["history"], progress)
         check_optimizer_state(optimizer)
     check_weights(model, "model")
+    # A run saves its arrays in its own dtype: any other was not written by it (and loading would
+    # round it silently).
+    arrays = {**model, **({} if optimizer is None else optimizer)}
+    foreign = sorted(name for name, value in arrays.items() if name != "step" and value.dtype != config["dtype"])
+    if foreign:
+        raise ValueError(f"{foreign[0]} is {arrays[foreign[0]].dtype}, but the run's dtype is {config['dtype']}")
 
 
 def _read_members(path: Path, wanted) -> dict[str, np.ndarray]:

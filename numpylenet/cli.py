@@ -181,27 +181,42 @@ def build_with_cache_recovery(build: Callable[[], T], note: Callable[[str], None
     entry it came from (its index and data files), says so through ``note``, and builds again,
     so Numba recompiles that kernel; any other error propagates unchanged.
     """
+    from .loop import StopOnInterrupt, interruption
+
     timer = None
     if announce is not None:
         timer = threading.Timer(ANNOUNCE_AFTER_SECONDS, lambda: print(announce, flush=True))
         timer.daemon = True
         timer.start()
+    # Numba's compiler cannot be stopped halfway: a KeyboardInterrupt raised inside it is dropped
+    # by a ctypes callback (the run goes on) or leaves a half-built library behind (a RuntimeError
+    # at its next step). So the first Ctrl-C or SIGTERM waits for the build to end (what it
+    # compiled stays in the disk cache), and a second one aborts at once, whatever it broke.
+    held = StopOnInterrupt("once the Numba compile in progress is done, keeping it in the cache")
     try:
-        return _build_recovering(build, note)
+        with held:
+            built = _build_recovering(build, note, stop=lambda: held.requested != 0)
+    except Exception:
+        if not held.aborted:
+            raise
     finally:
         if timer is not None:
             timer.cancel()
+    if held.requested:
+        raise interruption(held.requested)
+    return built
 
 
-def _build_recovering(build: Callable[[], T], note: Callable[[str], None]) -> T:
-    """:func:`build_with_cache_recovery` without the announcement."""
+def _build_recovering(build: Callable[[], T], note: Callable[[str], None], stop: Callable[[], bool]) -> T:
+    """:func:`build_with_cache_recovery` without the announcement and the signals; builds no more
+    once ``stop()``."""
     discarded: set[Path] = set()
     while True:
         try:
             return build()
         except Exception as error:
             files, index = _bad_cache_entry(error)
-            if index is None or index in discarded:
+            if index is None or index in discarded or stop():
                 raise
             for path in files:
                 path.unlink(missing_ok=True)

@@ -245,7 +245,9 @@ class NumbaLeNet5:
 def _start_helper(dtype: np.dtype) -> subprocess.Popen | None:
     """Start the process that compiles the backward and weight-gradient passes into Numba's cache,
     or None if it cannot start. Its output is dropped: should it fail,
-    :meth:`NumbaLeNet5.compile` compiles the kernels itself and reports any error."""
+    :meth:`NumbaLeNet5.compile` compiles the kernels itself and reports any error. It runs in a
+    session of its own, so that a Ctrl-C at the terminal, which the CLI holds until the compile is
+    done (:func:`numpylenet.cli.build_with_cache_recovery`), does not kill it halfway."""
     # The helper imports this very package, wherever (and under whatever name) it was imported here.
     package_folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     program = (f"import sys\nsys.path.insert(0, {package_folder!r})\n"
@@ -254,8 +256,8 @@ def _start_helper(dtype: np.dtype) -> subprocess.Popen | None:
                "run.engine.per_thread('backward')\n"
                "run.engine.per_thread('weight_grads')\n")
     try:
-        return subprocess.Popen([sys.executable, "-c", program],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
         return None
 

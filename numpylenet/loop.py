@@ -35,7 +35,7 @@ from .recipes import TrainConfig
 from .schedule import learning_rate
 
 __all__ = ["Learner", "NumpyLearner", "Progress", "Evaluation", "evaluate_batches", "fit",
-           "DivergedError", "TrainingInterrupted", "Terminated", "StopOnInterrupt", "make_checkpoint",
+           "DivergedError", "TrainingInterrupted", "Terminated", "interruption", "StopOnInterrupt", "make_checkpoint",
            "save_if_finite"]
 
 
@@ -176,24 +176,33 @@ class Terminated(BaseException):
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
-class StopOnInterrupt:
-    """Context manager turning the first Ctrl-C (SIGINT) or SIGTERM into a request the loop honours
-    between steps; ``requested`` is then the signal number (0 while none came).
+def interruption(signal_number: int) -> BaseException:
+    """What a signal raises where it may stop the program at once: KeyboardInterrupt for Ctrl-C
+    (SIGINT), :class:`Terminated` for SIGTERM."""
+    return KeyboardInterrupt() if signal_number == signal.SIGINT else Terminated()
 
-    Stopping between steps (never inside one) means the saved weights and optimiser state always
-    belong to the same step. A second signal gives up waiting: KeyboardInterrupt for Ctrl-C,
-    :class:`Terminated` for SIGTERM, at once.
+
+class StopOnInterrupt:
+    """Context manager turning the first Ctrl-C (SIGINT) or SIGTERM into a request the code inside
+    honours when it can; ``requested`` is then the signal number (0 while none came).
+
+    The training loop stops between steps (never inside one), so the saved weights and optimiser
+    state always belong to the same step. A second signal gives up waiting: it raises
+    :func:`interruption` at once. ``when`` completes the line printed at the first signal.
     """
 
-    def __init__(self):
+    def __init__(self, when: str = "after this step and saving last.npz"):
         self.requested = 0
+        self.aborted = False
+        self.when = when
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+            self.aborted = True
+            raise interruption(signum)
         self.requested = signum
-        print(f"\n{SIGNAL_NAMES[signum]}: stopping after this step and saving last.npz "
-              f"(send it again to abort)", file=sys.stderr, flush=True)
+        print(f"\n{SIGNAL_NAMES[signum]}: stopping {self.when} (send it again to abort)",
+              file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopOnInterrupt:
         self._previous = {signum: signal.signal(signum, self._handle) for signum in SIGNAL_NAMES}

@@ -103,15 +103,24 @@ def load_dataset(dataset: str, data_dir: str, download: bool, *,
             dataset, fallback_reason)
 
 
-def load_splits(config: TrainConfig) -> DataSplits:
+def load_splits(config: TrainConfig, trained_on: str | None = None) -> DataSplits:
     """Load the data set (see :func:`load_dataset`), split off validation exactly as the notebook
     does, and keep only the first ``config.limit_train`` training images if set.
+
+    ``trained_on`` is the data set a resumed run trained on: its "auto" then loads that very set,
+    not what "auto" finds today (a run that fell back to mnist-sample continues on it, and is
+    still said to have fallen back, when full MNIST has appeared in its data folder since).
 
     Raises ValueError (besides :func:`load_dataset`'s errors) if the training, validation or test
     set would be empty: a run needs images to train on, to select its weights by and to test.
     """
-    images, labels, dataset, fallback_reason = load_dataset(
-        config.dataset, config.data_dir, config.download, train=True)
+    if config.dataset == "auto" and trained_on is not None:
+        images, labels, dataset, _ = load_dataset(trained_on, config.data_dir, config.download, train=True)
+        fallback_reason = ("the run resumed here trained on it, its --dataset auto having found no full MNIST"
+                           if dataset == "mnist-sample" else None)
+    else:
+        images, labels, dataset, fallback_reason = load_dataset(
+            config.dataset, config.data_dir, config.download, train=True)
     test_images, test_labels, _, _ = load_dataset(dataset, config.data_dir, config.download, train=False)
     train_indices, valid_indices = data.split_train_valid(len(images), config.valid_size, seed=SPLIT_SEED)
     if len(train_indices) == 0 or len(valid_indices) == 0:

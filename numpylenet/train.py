@@ -21,7 +21,9 @@ continues exactly where the run stopped (``last.npz`` is what ``--resume`` wants
 for ``numpylenet.evaluate``). On resume only ``--epochs``, ``--lr``, ``--momentum``,
 ``--weight-decay``, ``--backend``, ``--threads``, ``--data-dir`` and ``--download`` may change
 (:data:`numpylenet.recipes.RESUMABLE`); every setting that decides the network, the data order or
-the split must stay as saved. The test accuracy is reported for the weights of the epoch with the
+the split must stay as saved. A finished run resumed with the same ``--epochs`` is tested again
+(``--lr``, ``--momentum`` and ``--weight-decay``, which would train nothing, must then stay as
+saved; ``--epochs`` may never fall below the epochs already trained). The test accuracy is reported for the weights of the epoch with the
 lowest validation loss (``best.npz``) when the run can show them, else for the last weights, and the
 report says which. Exit status: 0 done, 1 training diverged (a NaN/inf loss or weight), 2 bad
 command line, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
@@ -42,6 +44,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .backend import resolve_backend, thread_limit
 from .cli import (OneLineErrorParser, RunError, add_backend_argument, add_data_arguments,
                   available_cores, load_error_text, non_negative_float, non_negative_int,
                   open_fraction, path_argument, positive_float, positive_int, print_note, run_tool)
@@ -57,6 +60,9 @@ if TYPE_CHECKING:  # only for annotations: numpy and friends load after the comm
 __all__ = ["main", "build_parser", "resolve_config", "FIGURES"]
 
 PROG = "python -m numpylenet.train"
+# The resumable settings that act only on training steps: a resumed run with no step left to
+# take must keep them as saved (see _resolve), or config.json would describe no training done.
+TRAINING_SETTINGS = ("lr", "momentum", "weight_decay")
 
 
 def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErrorParser:
@@ -269,9 +275,24 @@ def _resolve(args: argparse.Namespace, checkpoint: Checkpoint | None) -> TrainCo
                                 checkpoint.progress["dataset"] if checkpoint else None)
     except ValueError as error:
         raise RunError(f"checkpoint {args.resume}: {error}" if checkpoint else error) from None
-    if checkpoint is not None and checkpoint.progress["epoch"] >= config.epochs and checkpoint.progress["step"]:
-        raise RunError(f"checkpoint {args.resume} stopped inside epoch {checkpoint.progress['epoch'] + 1}; "
-                       f"--epochs must be at least {checkpoint.progress['epoch'] + 1}")
+    if checkpoint is None:
+        return config
+    done, inside = checkpoint.progress["epoch"], checkpoint.progress["step"] > 0
+    if inside and config.epochs <= done:
+        raise RunError(f"checkpoint {args.resume} stopped inside epoch {done + 1}; "
+                       f"--epochs must be at least {done + 1}")
+    if config.epochs < done:
+        raise RunError(f"checkpoint {args.resume} has already trained {done} epochs; "
+                       f"--epochs must be at least {done}")
+    if config.epochs == done and not inside:
+        # Nothing left to train: the run is tested again, and config.json must keep describing
+        # the training that made its weights.
+        changed = [_flag(name, getattr(config, name)) for name in TRAINING_SETTINGS
+                   if getattr(config, name) != checkpoint.config.get(name)]
+        if changed:
+            raise RunError(f"checkpoint {args.resume} has finished its {done} epochs, so "
+                           f"{', '.join(changed)} would train nothing; give --epochs N > {done} "
+                           f"to train on with it")
     return config
 
 
@@ -286,6 +307,15 @@ def _run_folder_path(args: argparse.Namespace) -> Path:
     while folder.exists():
         folder, suffix = Path("runs") / f"{stamp}-{suffix}", suffix + 1
     return folder
+
+
+def _backend_or_numpy(name: str | None) -> str:
+    """The backend ``name`` resolves to, or "numpy" when it cannot run (building the learner
+    reports why)."""
+    try:
+        return resolve_backend(name)
+    except ValueError:
+        return "numpy"
 
 
 def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoint | None,
@@ -304,11 +334,15 @@ def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoi
     from .loop import NumpyLearner
     from .pipeline import load_splits, num_batches
 
-    if config.threads is not None and config.threads > available_cores():
-        print_note(prog, f"--threads {config.threads} capped at the {available_cores()} cores available")
-        config = replace(config, threads=available_cores())
+    if config.threads is not None:
+        # config.json records the threads the run computes with, not more than it can use.
+        limit, what = thread_limit(_backend_or_numpy(config.backend)
+                                   if make_learner.framework == NumpyLearner.framework else "numpy")
+        if config.threads > limit:
+            print_note(prog, f"--threads {config.threads} capped at {what}")
+            config = replace(config, threads=limit)
     try:
-        splits = load_splits(config)
+        splits = load_splits(config, checkpoint.progress["dataset"] if checkpoint else None)
     except (OSError, DownloadError, ValueError) as error:
         raise RunError(load_error_text(error)) from None
     try:

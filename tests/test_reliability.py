@@ -262,6 +262,46 @@ def test_resume_may_change_the_epochs_and_the_learning_rate(capsys, run_copy):
     assert saved(run_copy / "last.npz", "config")["lr"] == 1e-3
 
 
+def test_a_finished_run_refuses_what_would_rewrite_its_description(capsys, run_copy):
+    """Resuming a finished run of 2 epochs tests it again. --epochs 1 (below what it trained) and
+    a new --lr (which would train nothing) are refused: config.json would describe no training
+    that happened. Nothing in the folder changes."""
+    before = snapshot(run_copy)
+    for flags, named in ((["--epochs", "1"], "--epochs must be at least 2"), (["--lr", "0.5"], "--lr 0.5")):
+        code, _, err = run_train(capsys, "--resume", run_copy / "last.npz", *flags)
+        assert code == 2 and one_line_error(err) and named in err, err
+        assert snapshot(run_copy) == before
+    code, out, _ = run_train(capsys, "--resume", run_copy / "last.npz", "--epochs", "2")
+    assert code == 0 and "already finished its 2 of 2 epochs" in out
+
+
+def test_a_run_that_fell_back_to_the_sample_resumes_on_it_once_mnist_appears(capsys, tmp_path):
+    """--dataset auto without MNIST trains on mnist-sample; MNIST then appears in the data folder
+    (tiny stand-in files): the resumed run continues on mnist-sample, still flagged as a fallback,
+    as with --dataset mnist-sample given (the data set it trained on)."""
+    data_dir, folder = tmp_path / "data", tmp_path / "run"
+    tiny = [flag for flag in TINY if flag not in ("--dataset", "mnist-sample")]
+    code, _, _ = run_train(capsys, *tiny, "--epochs", "1", "--dataset", "auto", "--data-dir", data_dir,
+                           "--no-download", "--out", folder)
+    first = json.loads((folder / "config.json").read_text())["resolved"]
+    assert code == 0 and first["dataset"] == "mnist-sample" and first["dataset_fallback"]
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 200), ("t10k", 50)):
+        (data_dir / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        write_idx(data_dir / "MNIST" / "raw" / f"{split}-images-idx3-ubyte.gz",
+                  rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(data_dir / "MNIST" / "raw" / f"{split}-labels-idx1-ubyte.gz",
+                  rng.integers(0, 10, count, dtype=np.uint8))
+    for epochs, extra in ((2, []), (3, ["--dataset", "mnist-sample"])):
+        code, out, err = run_train(capsys, "--resume", folder / "last.npz", "--epochs", epochs, *extra)
+        assert code == 0 and f"resuming at epoch {epochs}" in out, err
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["dataset"] == "mnist-sample" and summary["dataset_fallback"], summary
+        resolved = json.loads((folder / "config.json").read_text())["resolved"]
+        assert {key: resolved[key] for key in ("dataset", "train_images", "valid_images", "test_images")} == \
+            {key: first[key] for key in ("dataset", "train_images", "valid_images", "test_images")}
+
+
 # ---------------------------------------------------------------------------- 9. empty splits
 
 def mnist_folder(root: Path, train_count: int, test_count: int) -> Path:
@@ -453,15 +493,17 @@ def test_disk_full_while_saving_a_checkpoint(capsys, monkeypatch, tmp_path, disk
 
 WRONG_TYPES = [("config", "epochs", "3"), ("config", "epochs", None), ("config", "lr", "abc"),
                ("config", "seed", 1.5), ("config", "batch_size", 2.5), ("progress", "epoch", "x"),
-               ("progress", "epoch", -3), ("progress", "step", 10**9), ("history", None, [1, 2, 3]),
-               ("optimizer/step", None, np.zeros(2, np.int64))]
+               ("progress", "epoch", -3), ("progress", "step", 10**9), ("progress", "dataset", "foo"),
+               ("progress", "dataset", "auto"), ("history", None, [1, 2, 3]),
+               ("optimizer/step", None, np.zeros(2, np.int64)), ("model/fc2.bias", None, np.zeros(10)),
+               ("optimizer/momentum_buffer.9", None, np.zeros(10))]
 
 
 @pytest.mark.parametrize("part, field, value", WRONG_TYPES,
                          ids=[f"{part}-{field}-{value!r}"[:40] for part, field, value in WRONG_TYPES])
 def test_checkpoint_with_wrong_types_is_corrupt(capsys, tmp_path, finished, part, field, value):
     entries = arrays(finished[0] / "last.npz")
-    if part.startswith("optimizer/"):
+    if part.startswith(("optimizer/", "model/")):
         entries[part] = value
     elif field is None:
         entries[part] = np.array(json.dumps(value))
@@ -472,7 +514,7 @@ def test_checkpoint_with_wrong_types_is_corrupt(capsys, tmp_path, finished, part
     np.savez(tmp_path / "doctored.npz", **entries)
     code, _, err = run_train(capsys, "--resume", tmp_path / "doctored.npz", "--out", tmp_path / "run")
     assert code == 2 and one_line_error(err) and "corrupt" in err, err
-    if part in ("config", "progress"):
+    if part in ("config", "progress") or part.startswith("model/"):
         code, _, err = run_evaluate(capsys, tmp_path / "doctored.npz", "--out", tmp_path / "eval")
         assert code == 2 and one_line_error(err, EVALUATE) and "corrupt" in err, err
 
@@ -684,3 +726,20 @@ def test_threads_are_capped_at_the_cores_available(finished):
     folder, err = finished
     assert f"--threads 1000 capped at the {available_cores()} cores available" in err
     assert json.loads((folder / "config.json").read_text())["threads"] == available_cores()
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="needs 2 cores to ask for more threads than Numba runs")
+def test_threads_are_capped_at_the_threads_numba_launched_with(tmp_path):
+    """NUMBA_NUM_THREADS=1 caps the numba backend at one thread whatever --threads says: config.json
+    says 1, and a note says why, instead of recording the 2 asked for."""
+    from numpylenet.backend import numba_unavailable_reason
+
+    if numba_unavailable_reason() is not None:
+        pytest.skip(numba_unavailable_reason())
+    folder = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "numpylenet.train", *TINY, "--epochs", "1", "--backend", "numba",
+                          "--threads", "2", "--out", str(folder)], cwd=REPO, env=environment(NUMBA_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "--threads 2 capped at NUMBA_NUM_THREADS=1" in run.stderr
+    assert json.loads((folder / "config.json").read_text())["threads"] == 1

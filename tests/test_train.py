@@ -25,7 +25,7 @@ from cli_runs import run_train as train
 
 from numpylenet.checkpoint import load_checkpoint
 from numpylenet.evaluate import main as evaluate_main
-from numpylenet.loop import NumpyLearner
+from numpylenet.loop import NumpyLearner, Terminated
 from numpylenet.data import write_idx
 from numpylenet.recipes import RECIPES, TrainConfig, make_config
 from numpylenet.train import FIGURES, main as train_main
@@ -455,6 +455,49 @@ def test_a_compile_is_announced_while_it_runs(capsys, tmp_path, monkeypatch, run
     assert code == 0, err
     assert len(heard) == 1 and "compiling Numba kernels for float32" in heard[0], heard
     assert "compiling Numba kernels" not in out          # once, during the compile
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_signal_during_the_build_waits_for_its_end(capsys, signum, raised):
+    """Raised inside Numba's compiler, a KeyboardInterrupt is dropped by a ctypes callback or
+    breaks the compiler: the first Ctrl-C or SIGTERM lets the build finish, then stops the run."""
+    from numpylenet.cli import build_with_cache_recovery
+
+    done = []
+
+    def build():
+        os.kill(os.getpid(), signum)
+        for _ in range(3):
+            time.sleep(0.05)            # Python runs the signal's handler meanwhile
+            done.append(True)
+        return "built"
+
+    with pytest.raises(raised):
+        build_with_cache_recovery(build, print)
+    assert done == [True] * 3
+    assert "stopping once the Numba compile in progress is done" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_aborts_the_build_whatever_it_raises():
+    """The second Ctrl-C interrupts at once; what the compiler then raises (Numba: RuntimeError
+    "no compiled object yet") becomes the interruption, and no cache recovery builds again."""
+    from numpylenet.cli import build_with_cache_recovery
+
+    calls = []
+
+    def build():                        # a compiler that breaks when interrupted, as Numba's
+        calls.append(True)
+        try:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            raise RuntimeError("no compiled object yet") from None
+        raise AssertionError("the second Ctrl-C did not interrupt the build")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_with_cache_recovery(build, print)
+    assert calls == [True]
 
 
 def test_a_quick_build_is_not_announced_and_numpy_compiles_nothing(capsys):
