@@ -16,7 +16,9 @@ before loading anything (:mod:`numpylenet.run_folder`: one run per folder, never
 
 Every file is written atomically; JSON files write NaN and infinities as ``null``.
 
-Ctrl-C or SIGTERM stops between two steps and saves ``last.npz``; ``--resume RUN/last.npz``
+Ctrl-C or SIGTERM stops between two steps and saves ``last.npz`` (during the Numba compile it
+waits for the compile to end; during the final test it stops, and ``--resume`` tests again;
+``summary.json`` is written last); ``--resume RUN/last.npz``
 continues exactly where the run stopped (``last.npz`` is what ``--resume`` wants; ``best.npz`` is
 for ``numpylenet.evaluate``). On resume only ``--epochs``, ``--lr``, ``--momentum``,
 ``--weight-decay``, ``--backend``, ``--threads``, ``--data-dir`` and ``--download`` may change
@@ -37,6 +39,7 @@ import argparse
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -510,7 +513,8 @@ def _announce(session: Session, prog: str) -> None:
 def _train_and_report(session: Session, prog: str) -> int:
     """Train from where the session stands, then test and report; the exit status."""
     from .files import WriteError
-    from .loop import DivergedError, StopOnInterrupt, TrainingInterrupted, fit, save_if_finite
+    from .loop import (SIGNAL_NAMES, DivergedError, StopOnInterrupt, Terminated, TrainingInterrupted, fit,
+                       save_if_finite)
 
     config, folder, progress = session.config, session.folder, session.progress
     last = folder / "last.npz"
@@ -533,7 +537,21 @@ def _train_and_report(session: Session, prog: str) -> int:
     except WriteError as error:
         raise RunError(f"{error}; training stopped, {last} holds the last saved state "
                        f"({_saved_state(last)})") from None
-    summary = _finish(session, time.perf_counter() - started)
+    # A signal after the last step (too late for the loop to stop on), or during the test and the
+    # figures: the trained run is in last.npz, and --resume tests it again.
+    stopped_by = stop.requested
+    if not stopped_by:
+        try:
+            summary = _finish(session, time.perf_counter() - started)
+        except KeyboardInterrupt:
+            stopped_by = signal.SIGINT
+        except Terminated:
+            stopped_by = signal.SIGTERM
+    if stopped_by:
+        print(f"{prog}: {SIGNAL_NAMES[stopped_by]}: stopped before the test was done; {last} holds the "
+              f"trained run ({_saved_state(last)}). Test it with:\n  {prog} --resume {shlex.quote(str(last))}",
+              file=sys.stderr)
+        return 128 + stopped_by
     fallback = "  [mnist-sample, NOT full MNIST]" if session.splits.fallback_reason else ""
     print(f"test loss {summary['test_loss']:.4f}  test accuracy {100 * summary['test_accuracy']:.2f}% "
           f"({summary['test_correct']:,}/{summary['test_images']:,}) with {summary['weights_used']}; "
@@ -609,8 +627,6 @@ def _finish(session: Session, session_seconds: float) -> dict:
         "recipe": config.recipe, "seed": config.seed, "framework": learner.framework,
         "backend": learner.backend,
     }
-    write_text(folder / "summary.json", json_text(summary) + "\n")
-
     plots.plot_learning_curves(history, folder / "learning_curves.png")
     plots.plot_confusion_matrix(matrix, folder / "confusion_matrix.png",
                                 f"{splits.dataset} test set: {100 * test.accuracy:.2f}% correct")
@@ -622,6 +638,8 @@ def _finish(session: Session, session_seconds: float) -> dict:
                   rng=generator(config.seed, Stream.PREVIEW, 1))
     plots.plot_predictions(x[:, 0], splits.test_labels[chosen], learner.logits(x).argmax(axis=1),
                            folder / "predictions.png")
+    # Written last: a run folder with a summary.json holds every output.
+    write_text(folder / "summary.json", json_text(summary) + "\n")
     return summary
 
 

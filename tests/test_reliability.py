@@ -30,7 +30,7 @@ from numpylenet.cli import available_cores
 from numpylenet.data import write_idx
 from numpylenet.loop import NumpyLearner
 from numpylenet.recipes import RECIPES
-from numpylenet.train import main as train_main
+from numpylenet.train import FIGURES, main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -743,3 +743,29 @@ def test_threads_are_capped_at_the_threads_numba_launched_with(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "--threads 2 capped at NUMBA_NUM_THREADS=1" in run.stderr
     assert json.loads((folder / "config.json").read_text())["threads"] == 1
+
+
+def test_ctrl_c_during_the_test_leaves_a_run_that_resume_tests_again(capsys, monkeypatch, tmp_path):
+    """Ctrl-C while the trained run is tested and drawn: exit 130 with the command that tests it
+    again, no summary.json (it is written last, so a folder holding one holds every output), and
+    that command then writes every output."""
+    from numpylenet import plots
+
+    draw = plots.plot_learning_curves
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        return draw(*args, **kwargs)
+
+    folder = tmp_path / "run"
+    monkeypatch.setattr(plots, "plot_learning_curves", interrupted)
+    code, _, err = run_train(capsys, *TINY, "--out", folder)
+    assert code == 130 and "stopped before the test was done" in err, err
+    hint = shlex.split(err.strip().splitlines()[-1])
+    assert hint[-2:] == ["--resume", str(folder / "last.npz")]
+    assert not (folder / "summary.json").exists() and saved(folder / "last.npz")["epoch"] == 2
+    monkeypatch.setattr(plots, "plot_learning_curves", draw)
+    code, out, _ = run_train(capsys, *hint[3:])
+    assert code == 0 and "already finished" in out
+    assert all((folder / name).exists() for name in ("summary.json", *FIGURES))
