@@ -53,7 +53,7 @@ class RunError(Exception):
 def run_tool(parser: argparse.ArgumentParser, prog: str, body: Callable[[], int]) -> int:
     """Run a tool's ``body`` with SIGTERM raising :class:`numpylenet.loop.Terminated` (as SIGINT raises
     KeyboardInterrupt), and turn what escapes into exit statuses: RunError and unwritable outputs
-    exit 2 with one line, Ctrl-C 130, SIGTERM 143."""
+    exit 2 with one line, Ctrl-C 130, SIGTERM 143, a closed output pipe 141 (quietly)."""
     from .files import WriteError
     from .loop import Terminated
 
@@ -63,6 +63,11 @@ def run_tool(parser: argparse.ArgumentParser, prog: str, body: Callable[[], int]
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return body()
+    except BrokenPipeError:
+        # The reader of the output went away (``| head``): stop as a killed writer does, without
+        # the traceback Python would print when flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (RunError, WriteError) as error:
         parser.exit(2, f"{prog}: error: {error}\n")
     except KeyboardInterrupt:

@@ -131,14 +131,15 @@ def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErr
                               help=f"learning rate; the peak of the one-cycle schedule in the default "
                                    f"recipe ({recipe_values('lr')})")
     optimisation.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                              help="torch.optim-exact Adam or SGD [default: adam]")
+                              help=f"torch.optim-exact Adam or SGD ({recipe_values('optimizer')})")
     optimisation.add_argument("--momentum", type=non_negative_float, default=None,
                               help="SGD momentum (only with --optimizer sgd) [default: 0.9]")
     optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                               help=f"Nesterov momentum (only with --optimizer sgd) "
                                    f"({recipe_values('nesterov')})")
     optimisation.add_argument("--weight-decay", type=non_negative_float, default=None, metavar="WD",
-                              help="L2 penalty added to the gradient, as torch.optim [default: 0]")
+                              help=f"L2 penalty added to the gradient, as torch.optim "
+                                   f"({recipe_values('weight_decay')})")
     optimisation.add_argument("--label-smoothing", type=non_negative_float, default=None, metavar="EPS",
                               help=f"label smoothing of the training loss, as nn.CrossEntropyLoss "
                                    f"({recipe_values('label_smoothing')})")

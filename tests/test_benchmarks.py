@@ -55,7 +55,9 @@ ROW_FIELDS = {
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     """Run every benchmark that has --quick and --out into one folder, two at a time (each on one
-    thread, so together they fill the 2 cores); name -> its JSON, or why it was not run."""
+    thread, so together they fill the 2 cores); name -> its JSON, or why it was not run. The
+    benchmarks compare with torch: without it (a core-only install) they are skipped."""
+    pytest.importorskip("torch")
     out = tmp_path_factory.mktemp("benchmarks")
     results, runnable = {"out": out}, []
     for name in BENCHMARKS:
@@ -215,6 +217,7 @@ def test_throughput_rows_compare_with_every_baseline():
 
 
 def test_set_threads_gives_xla_its_threads(monkeypatch):
+    pytest.importorskip("torch")
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x intra_op_parallelism_threads=7")
     monkeypatch.delitem(sys.modules, "jax", raising=False)
     monkeypatch.setattr(common, "_BLAS_LIMITS", [])
@@ -267,6 +270,7 @@ def torch_losses(state, x, labels, steps):
 def test_torch_compiled_step_trains_like_torch_eager():
     """The compiled step's wiring (one function: zero_grad, forward, loss, backward, Adam), traced by
     TorchDynamo with the "eager" backend: inductor would compile for tens of seconds."""
+    pytest.importorskip("torch")
     state, (x, labels) = peers.initial_state(seed=3), small_batch()
     step = peers.torch_compiled_step(state, x, labels, backend="eager")
     assert [step().item() for _ in range(3)] == pytest.approx(torch_losses(state, x, labels, 3), rel=1e-5)

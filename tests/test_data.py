@@ -694,8 +694,8 @@ def test_normalize_matches(digits):
 
 
 def test_pixel_table_matches_to_tensor_and_normalize():
-    import torch
     F = torchvision_functional()
+    import torch
     every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
     for dtype, torch_dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
         scaled = torch.from_numpy(every_value).to(torch_dtype).div(255)[None]  # ToTensor, (1, 1, 16, 16)
@@ -709,9 +709,9 @@ def test_pixel_table_matches_to_tensor_and_normalize():
 @pytest.mark.parametrize("normalize", [True, False])
 def test_evaluation_transform_matches_torchvision(digits, dtype, normalize):
     """pipeline.transform's centred images = CenterCrop(32) (which pads), ToTensor, Normalize."""
+    F = torchvision_functional()
     import torch
     from PIL import Image
-    F = torchvision_functional()
     from numpylenet.pipeline import transform
     from numpylenet.recipes import make_config
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -289,6 +290,31 @@ def test_help_imports_nothing_heavy():
         assert flag in result.stdout, flag
 
 
+def test_help_states_each_setting_s_default_as_the_runs_resolve_it(tmp_path):
+    """Every "[default: X]" in --help of a recipe setting is what a run without that flag gets,
+    and every "(recipe seed: X, default: Y, ...)" lists what each recipe's run gets."""
+    import argparse
+
+    from numpylenet.train import build_parser, resolve_config
+
+    parser = build_parser()
+    for action in parser._actions:
+        name, text = action.dest, " ".join((action.help or "").split())
+        if name not in TrainConfig.__dataclass_fields__ or name == "recipe":
+            continue
+        for recipe in RECIPES:
+            args = parser.parse_args(["--recipe", recipe])
+            resolved = getattr(resolve_config(args), name)
+            default = re.search(r"\[default: ([^\]]+)\]", text)
+            if default and not default.group(1).startswith(("$", "runs/", "numba")):
+                if recipe == "default":
+                    stated = {"yes": "True", "no": "False", "all": "None", "leave as is": "None"}.get(default.group(1), default.group(1))
+                    assert stated == str(resolved), (name, text, resolved)
+            listed = re.search(rf"\b{recipe}: ([^,)]+)", text) if "(recipe " in text else None
+            if listed:
+                assert listed.group(1) == str(resolved), (name, recipe, text, resolved)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def test_evaluate_reproduces_the_run_and_writes_outputs(capsys, tmp_path, run):
@@ -348,6 +374,22 @@ def test_evaluate_reads_a_notebook_state_dict(capsys, tmp_path, run):
     ours = json.loads((tmp_path / "eval-notebook-mnist-sample.json").read_text())["test_accuracy"]
     weights = {name: value.numpy() for name, value in model.state_dict().items()}
     assert abs(ours - torch_accuracy(weights, normalize=False)) <= 0.002
+
+
+@needs_torch
+def test_a_notebook_state_dict_is_read_in_its_saved_dtype(tmp_path):
+    import torch
+
+    from reference.lenet import LeNet
+    from reference.notebook_weights import load_notebook_state_dict
+
+    torch.manual_seed(0)
+    state = LeNet().double().state_dict()
+    torch.save(state, tmp_path / "lenet64.pt")
+    weights = load_notebook_state_dict(tmp_path / "lenet64.pt")
+    assert list(weights) == list(state)
+    for name, value in state.items():
+        assert weights[name].dtype == np.float64 and np.array_equal(weights[name], value.numpy()), name
 
 
 @needs_torch
