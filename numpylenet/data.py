@@ -344,9 +344,10 @@ def load_mnist(root: str | os.PathLike = "data", *, train: bool = True, dataset:
             exists, what = describe_path(folder)
             where = folder.resolve() if exists else f"{folder.resolve()} (which {what})"
             raise FileNotFoundError(
-                f"{dataset}: no {name} or {name}.gz in {where}. Pass download=True to "
-                f"fetch it, point root at a folder holding {SOURCES[dataset].folder}/raw/ (the layout "
-                f"torchvision uses), or use dataset='mnist-sample', which ships with numpylenet.")
+                f"{dataset}: no {name} or {name}.gz in {where}. Download it (download=True; on the "
+                f"command line --download), point root (--data-dir) at a folder holding "
+                f"{SOURCES[dataset].folder}/raw/ (the layout torchvision uses), or use mnist-sample, "
+                f"which ships with numpylenet.")
     images, labels = read_idx(paths["images"]), read_idx(paths["labels"])
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"{paths['images']}: expected uint8 images of shape (N, 28, 28), "
