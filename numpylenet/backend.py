@@ -98,6 +98,7 @@ def set_threads(count: int) -> int:
     More threads than cores only make them wait for one another: with BLAS at 64 threads on 2
     cores a NumPy-backend epoch ran 10x slower. Numba is also capped at the threads it launched
     with (``NUMBA_NUM_THREADS``, by default the machine's cores). Needs no Numba for the BLAS part.
+    For the whole process, as BLAS's count is (see :func:`numpylenet.engine.set_kernel_threads`).
     """
     if int(count) < 1:
         raise ValueError(f"threads must be >= 1, got {count}")
@@ -106,7 +107,6 @@ def set_threads(count: int) -> int:
     if numba_unavailable_reason() is None:
         import numba
 
-        from .engine import start_thread_pool
-        start_thread_pool()       # before numba.set_num_threads, which would start it with defaults
-        numba.set_num_threads(min(used, numba.config.NUMBA_NUM_THREADS))
+        from .engine import set_kernel_threads
+        set_kernel_threads(min(used, numba.config.NUMBA_NUM_THREADS))
     return used

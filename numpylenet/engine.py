@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,8 @@ from .blas import blas_threads, set_blas_threads
 from .names import DTYPE_NAMES, OPTIMIZER_NAMES
 from .numba_cache import SafeFunctionCache
 
-__all__ = ["NumbaLeNet5", "start_thread_pool", "fused_adam_step", "fused_sgd_step", "warmup"]
+__all__ = ["NumbaLeNet5", "start_thread_pool", "set_kernel_threads", "kernel_threads", "fused_adam_step",
+           "fused_sgd_step", "warmup"]
 
 
 def start_thread_pool() -> None:
@@ -65,6 +67,27 @@ def start_thread_pool() -> None:
         numba_parallel._launch_threads()
     finally:
         del os.environ["GOMP_SPINCOUNT"]
+
+
+# The Numba threads set_kernel_threads chose for the whole process (None: it was not called).
+_KERNEL_THREADS: int | None = None
+
+
+def set_kernel_threads(count: int) -> None:
+    """Run the fused kernels on ``count`` Numba threads, from every Python thread (what
+    :func:`numpylenet.backend.set_threads` calls): Numba's own ``set_num_threads`` holds for the
+    calling Python thread only. ``count`` <= Numba's ``NUMBA_NUM_THREADS``."""
+    global _KERNEL_THREADS
+    start_thread_pool()       # before numba.set_num_threads, which would start it with defaults
+    numba.set_num_threads(count)
+    _KERNEL_THREADS = count
+
+
+def kernel_threads() -> int:
+    """The Numba threads a fused kernel runs on: :func:`set_kernel_threads`' count, whichever
+    Python thread set it; else Numba's count for the calling thread (by default every thread
+    Numba launched)."""
+    return numba.get_num_threads() if _KERNEL_THREADS is None else _KERNEL_THREADS
 
 
 @contextmanager
@@ -119,6 +142,9 @@ class NumbaLeNet5:
         self.threads = 0
         self._addresses: dict[str, kernels.KernelAddress] = {}
         self._programs: dict[str, tuple[np.ndarray, bool]] = {}    # PROGRAMS, with addresses
+        # One workspace, so one call at a time: two Python threads calling this model at once
+        # would overwrite each other's inputs and activations in it.
+        self._lock = threading.Lock()
 
     @classmethod
     def for_model(cls, model) -> NumbaLeNet5:
@@ -133,7 +159,7 @@ class NumbaLeNet5:
     def _workspace(self, batch_size: int) -> kernels.Workspace:
         """The workspace for ``batch_size`` images, split over as many threads as it has
         sub-batches (at most Numba's thread count); rebuilt only when that changes."""
-        threads = max(1, min(numba.get_num_threads(), batch_size // kernels.SUB_BATCH))
+        threads = max(1, min(kernel_threads(), batch_size // kernels.SUB_BATCH))
         if self.work is None or (self.work.x.shape[0], self.threads) != (batch_size, threads):
             self.work = kernels.make_workspace(batch_size, threads, self.flat_data.dtype)
             self.threads = threads
@@ -154,21 +180,23 @@ class NumbaLeNet5:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits (N, 10) for x (N, 1, 32, 32), a floating-point array of any float dtype."""
-        work = self._workspace(x.shape[0])
-        np.copyto(work.x, x)        # the backward pass reads this copy: the caller may reuse x
-        with _kernel_threads(self.threads):
-            self._run("forward", work, False)
-        return work.logits.copy()
+        with self._lock:
+            work = self._workspace(x.shape[0])
+            np.copyto(work.x, x)        # the backward pass reads this copy: the caller may reuse x
+            with _kernel_threads(self.threads):
+                self._run("forward", work, False)
+            return work.logits.copy()
 
     def backward(self, grad_logits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Add dL/dW into ``flat_grad``; return dL/dx (N, 1, 32, 32) if ``input_grad``.
 
         grad_logits : (N, 10), floating-point, N as in the last :meth:`forward`.
         """
-        work = self.work
-        np.copyto(work.grad_logits, grad_logits)
-        self._backward_regions("backward", work, bool(input_grad))
-        return work.grad_x.copy() if input_grad else None
+        with self._lock:
+            work = self.work
+            np.copyto(work.grad_logits, grad_logits)
+            self._backward_regions("backward", work, bool(input_grad))
+            return work.grad_x.copy() if input_grad else None
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0) -> float:
         """A training step's passes, allocating nothing: the forward pass, the loss
@@ -179,13 +207,14 @@ class NumbaLeNet5:
         x : (N, 1, 32, 32), floating-point;  labels : (N,), integers in [0, 10) (checked by
         :meth:`numpylenet.LeNet5.forward_backward`; a label outside makes the loss NaN).
         """
-        work = self._workspace(x.shape[0])
-        np.copyto(work.x, x)
-        np.copyto(work.labels, labels)
-        work.label_smoothing[0] = label_smoothing
-        work.losses.fill(0)
-        self._backward_regions("train", work, False)
-        return float(work.losses.sum()) / x.shape[0]
+        with self._lock:
+            work = self._workspace(x.shape[0])
+            np.copyto(work.x, x)
+            np.copyto(work.labels, labels)
+            work.label_smoothing[0] = label_smoothing
+            work.losses.fill(0)
+            self._backward_regions("train", work, False)
+            return float(work.losses.sum()) / x.shape[0]
 
     def _backward_regions(self, program: str, work: kernels.Workspace, input_grad: bool) -> None:
         """``program`` (one that ends with the backward pass) into the threads' zeroed conv

@@ -55,12 +55,44 @@ class Parameter:
     owner : object or None
         The model whose flat buffers hold ``data`` and ``grad`` as views (set by
         :meth:`numpylenet.LeNet5.flat_buffers`' packing), else None.
+
+    Assigning ``p.data = values`` (or ``p.grad``) rebinds the array of a parameter of its own;
+    for one with an ``owner`` it writes ``values`` into the view instead (same shape, cast to its
+    dtype), since the owner's kernels and optimisers read the flat buffers, not the attribute.
     """
 
     def __init__(self, data: np.ndarray):
-        self.data = data
-        self.grad = np.zeros_like(data)
+        self._data = data
+        self._grad = np.zeros_like(data)
         self.owner = None
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, values: np.ndarray) -> None:
+        self._data = self._assigned(self._data, values, "data")
+
+    @property
+    def grad(self) -> np.ndarray:
+        return self._grad
+
+    @grad.setter
+    def grad(self, values: np.ndarray) -> None:
+        self._grad = self._assigned(self._grad, values, "grad")
+
+    def _assigned(self, current: np.ndarray, values, name: str) -> np.ndarray:
+        """What ``.<name> = values`` leaves in place: ``values`` itself, or for an owned
+        parameter the view ``current`` with ``values`` written into it."""
+        if self.owner is None:
+            return values
+        values = np.asarray(values)
+        if values.shape != current.shape or not np.issubdtype(values.dtype, np.floating):
+            raise ValueError(f"a {name} of shape {current.shape} lives in its model's flat buffer: "
+                             f"assign a float array of that shape, got {values.dtype} {values.shape}")
+        current[...] = values
+        return current
 
     @property
     def shape(self) -> tuple[int, ...]:

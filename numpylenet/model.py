@@ -43,7 +43,13 @@ class LeNet5:
 
     All 61,706 parameters live in one contiguous buffer, ``flat_data`` (torch's named order), and
     their gradients in ``flat_grad``; each Parameter's ``.data`` and ``.grad`` are views into them
-    (see :meth:`flat_buffers`), so an optimiser can treat the whole model as one array.
+    (see :meth:`flat_buffers`), so an optimiser can treat the whole model as one array. Assigning
+    ``param.data = values`` writes the values into that view; ``copy.deepcopy`` and pickling give
+    a model with buffers of its own.
+
+    Several Python threads may call one model: the numba backend runs one call at a time (its
+    work buffers are the model's), the numpy backend computes each forward pass apart. A
+    backward pass uses the activations of the model's last forward pass, whichever thread ran it.
 
     Both backends accept and reject the same inputs: any floating-point x of shape (N, 1, 32, 32),
     N >= 0 (cast to the model's dtype; an empty batch gives empty logits, as in torch), and in
@@ -119,6 +125,15 @@ class LeNet5:
         :func:`numpylenet.optim.find_fused_buffers`). Write into them in place, never rebind them.
         """
         return self.flat_data, self.flat_grad
+
+    def __reduce__(self):
+        """Pickling and ``copy.deepcopy``: the settings and the two flat buffers, rebuilt into a
+        fresh model (its parameters views of the copied buffers, as here; a numba engine rebuilt
+        for the new process, whose compiled code lives elsewhere). What the last forward pass kept
+        for backward is not copied: a copy starts with a forward pass."""
+        settings = {"activation": self.activation, "pool": self.pool, "dtype": self.dtype.name,
+                    "backend": self.backend}
+        return _restore, (settings, self.flat_data, self.flat_grad)
 
     # --- forward and backward ------------------------------------------------------------------
 
@@ -236,3 +251,11 @@ class LeNet5:
         body = "\n".join(f"  {layer!r}" for layer in self.layers)
         return (f"LeNet5(activation={self.activation!r}, pool={self.pool!r}, dtype={self.dtype}, "
                 f"backend={self.backend!r})[\n{body}\n]")
+
+
+def _restore(settings: dict, flat_data: np.ndarray, flat_grad: np.ndarray) -> LeNet5:
+    """The model that :meth:`LeNet5.__reduce__` describes."""
+    model = LeNet5(**settings)
+    model.flat_data[...] = flat_data
+    model.flat_grad[...] = flat_grad
+    return model

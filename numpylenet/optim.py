@@ -42,8 +42,8 @@ def parse_state_key(key: str, buffer_names: Sequence[str], num_params: int) -> t
 
 def find_fused_buffers(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndarray] | None:
     """``model.flat_buffers()`` if ``params`` are exactly ``model.parameters()`` - the same
-    Parameter objects, all of them, in order, still views of those buffers - for a
-    numba-backend LeNet5 ``model``; else None.
+    Parameter objects, all of them, in order (views of those buffers, which assignments to their
+    ``.data`` and ``.grad`` write into) - for a numba-backend LeNet5 ``model``; else None.
 
     The model is the one that packed the first parameter (``params[0].owner``); then one loop
     over its flat buffers updates exactly these parameters.
@@ -54,10 +54,7 @@ def find_fused_buffers(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndar
     own = model.parameters()
     if len(own) != len(params) or any(p is not q for p, q in zip(params, own)):
         return None
-    data, grad = model.flat_buffers()
-    if any(p.data.base is not data or p.grad.base is not grad for p in params):
-        return None                  # a .data or .grad was rebound to another array
-    return data, grad
+    return model.flat_buffers()
 
 
 def check_state(state: Mapping[str, np.ndarray]) -> None:

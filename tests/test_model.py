@@ -183,6 +183,84 @@ def test_load_state_dict_rejects_mismatches(change, named):
         assert np.array_equal(value, before[name]), f"a rejected load_state_dict changed {name}"
 
 
+def available(backend):
+    if backend == "numba" and numba_unavailable_reason() is not None:
+        pytest.skip(numba_unavailable_reason())
+    return backend
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_a_copy_trains_as_the_original_and_apart_from_it(backend):
+    """copy.deepcopy and pickle keep every parameter a view of the copy's own buffers: the copy
+    takes the same Adam steps as the original, and neither touches the other."""
+    import copy
+    import pickle
+
+    from numpylenet import Adam
+
+    model = LeNet5(dtype=np.float64, seed=0, backend=available(backend))
+    images, labels = batch(size=8)
+    model.forward_backward(images, labels)          # a used model: the engine has run
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    start = model.state_dict()
+    for twin in [model, *copies]:
+        optimizer = Adam(twin.parameters(), lr=1e-2)
+        for _ in range(3):
+            twin.zero_grad()
+            twin.forward_backward(images, labels)
+            optimizer.step()
+    for twin in copies:
+        for (name, param), (_, original) in zip(twin.named_parameters(), model.named_parameters()):
+            assert param.data.base is twin.flat_data and param.grad.base is twin.flat_grad, name
+            assert np.array_equal(param.data, original.data) and not np.array_equal(param.data, start[name]), name
+
+
+@pytest.mark.skipif(numba_unavailable_reason() is not None, reason="numba backend unavailable")
+def test_a_numba_model_pickled_after_use_runs_in_another_process(tmp_path):
+    """The engine holds the addresses of code compiled in this process: a pickle must not carry them."""
+    import pickle
+
+    model = LeNet5(seed=0, backend="numba")
+    images, _ = batch(size=5, dtype=np.float32)
+    expected = model.forward(images)
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
+    np.save(tmp_path / "images.npy", images)
+    script = ("import pickle, sys, numpy as np\n"
+              "folder = sys.argv[1]\n"
+              "model = pickle.load(open(folder + '/model.pkl', 'rb'))\n"
+              "np.save(folder + '/logits.npy', model.forward(np.load(folder + '/images.npy')))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.load(tmp_path / "logits.npy"), expected)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_assigning_a_parameter_s_data_or_grad_reaches_the_model(backend):
+    """``p.data = values`` and ``p.grad = values`` act on both backends alike: the new weights
+    are used, a zeroed gradient makes a step change nothing; a wrong shape is refused."""
+    from numpylenet import SGD
+
+    model = LeNet5(dtype=np.float64, seed=0, backend=available(backend))
+    twin = LeNet5(dtype=np.float64, seed=0, backend="numpy")
+    images, labels = batch(size=4)
+    model.fc2.bias.data = np.full(10, 5.0)
+    twin.load_state_dict({**twin.state_dict(), "fc2.bias": np.full(10, 5.0)})
+    assert np.array_equal(model.forward(images), twin.forward(images))
+    optimizer = SGD(model.parameters(), lr=0.1)
+    model.forward_backward(images, labels)
+    before = model.state_dict()
+    for param in model.parameters():
+        param.grad = np.zeros_like(param.grad)
+    optimizer.step()
+    for name, value in model.state_dict().items():
+        assert np.array_equal(value, before[name]), name
+    with pytest.raises(ValueError, match=r"shape \(10,\)"):
+        model.fc2.bias.data = np.zeros(11)
+    with pytest.raises(ValueError, match="grad"):
+        model.fc2.bias.grad = None
+
+
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_a_rejected_training_batch_leaves_the_last_forward_pass_in_place(backend):
     """forward_backward with a bad label raises before any pass runs: backward then still
