@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = [] if args.no_run else run_all(args)
     # Quick figures are for smoke tests, never for the documents (unless one is named explicitly).
-    explicit_readme = "--readme" in (argv if argv is not None else sys.argv[1:])
+    explicit_readme = args.readme != parser.get_default("readme")
     if not args.no_readme and (not args.quick or explicit_readme):
         for document in args.readme:
             if document.is_file():

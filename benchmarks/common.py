@@ -74,9 +74,9 @@ def make_parser(name: str, description: str, *, repeats: int = 5) -> argparse.Ar
                         help="tiny configuration that runs in seconds (the CI smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help=f"folder for the JSON and PNG results (default {RESULTS.relative_to(REPO)})")
-    parser.add_argument("--clock-ghz", type=float, default=None,
+    parser.add_argument("--clock-ghz", type=_positive_float, default=None,
                         help="CPU clock for the peak-FLOP/s figure (default: detected)")
-    parser.add_argument("--flop-per-cycle", type=int, default=None,
+    parser.add_argument("--flop-per-cycle", type=_positive_int, default=None,
                         help="FP32 FLOP per cycle per core (default: 32 with AVX2+FMA or AVX-512, "
                              "16 with AVX, 8 with SSE; give 64 for two full 512-bit FMA units)")
     return parser
@@ -86,6 +86,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):       # written so that NaN fails
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
+from numpylenet.names import BACKEND_NAMES
 from numpylenet.recipes import RECIPES
 
 NAME = "parity"
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--data-dir", default=None,
                         help="root holding MNIST/raw (default $NUMPYLENET_DATA, else ../shared/data)")
-    parser.add_argument("--backend", default=None, help="numpylenet backend [default: the library's]")
+    parser.add_argument("--backend", default=None, choices=BACKEND_NAMES,
+                        help="numpylenet backend [default: the library's]")
     parser.add_argument("--notebook", action="store_true",
                         help="also run the seed notebook's own torchvision pipeline for each seed")
     parser.add_argument("--fresh", action="store_true", help="discard saved runs and train again")

@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.seeds, args.evaluations = args.seeds[:1], 3
         # torch.compile takes a minute to compile: too slow for a smoke test.
         args.contenders = [name for name in args.contenders if name != "torch.compile"]
+        if not args.contenders:
+            parser.error("--quick runs no torch.compile (it compiles for a minute): no contender left")
     common.set_threads(args.threads)
 
     from numpylenet.pipeline import load_splits

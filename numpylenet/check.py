@@ -42,6 +42,7 @@ from .compare import (HEADER, Comparison, layer_vs_finite_differences, layer_vs_
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Tanh
 from .model import LeNet5
 from .names import DTYPE_NAMES
+from .cli import non_negative_int
 from .train import OneLineErrorParser
 
 __all__ = ["main", "build_parser", "LAYER_CASES", "GROUPS"]
@@ -255,7 +256,8 @@ def build_parser() -> OneLineErrorParser:
                         help=f"check only this: one of {', '.join(GROUPS)} (any case); default: everything")
     parser.add_argument("--dtype", choices=DTYPE_NAMES,
                         help="only this dtype (finite differences and formulas are float64 only); default: both")
-    parser.add_argument("--seed", type=int, default=0, help="seeds every input, weight and gradient (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seeds every input, weight and gradient (default 0)")
     return parser
 
 
@@ -317,6 +319,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except BrokenPipeError:   # the reader went away (| head): not an error worth a traceback
+    except BrokenPipeError:   # the reader went away (| head): stop as a writer killed by SIGPIPE
         sys.stderr.close()
-        sys.exit(1)
+        sys.exit(141)

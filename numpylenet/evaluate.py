@@ -142,6 +142,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         learner = build_with_cache_recovery(lambda: NumpyLearner(config), lambda text: print_note(PROG, text),
                                             compile_announcement(config.backend, config.dtype, config.optimizer))
+    except ValueError as error:         # the backend (flag or $NUMPYLENET_BACKEND), not the file
+        raise RunError(error) from None
+    try:
         learner.load_state(weights, None)
     except ValueError as error:
         raise RunError(f"{path} does not hold LeNet-5 weights: {error}") from None
@@ -159,7 +162,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     for label, accuracy in per_class.items():
         shown = f"{100 * accuracy:6.2f}%" if accuracy is not None else "     - "
         print(f"  class {label}: {shown}  ({matrix[int(label), int(label)]:,}/{totals[int(label)]:,})")
-    stem = f"eval-{path.stem}-{dataset}"
+    # Named by what was evaluated: the checkpoint, the data set and, if not centred, the crops.
+    stem = f"eval-{path.stem}-{dataset}" + ("" if config.eval_crop == "center" else f"-{config.eval_crop}-crops")
     plot_confusion_matrix(matrix, out / f"{stem}-confusion_matrix.png",
                           f"{path.name} on {dataset}: {100 * test.accuracy:.2f}% correct")
     report = {"checkpoint": str(path), "dataset": dataset, "dataset_fallback": fallback,

@@ -210,13 +210,13 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None,
 
 
 def main(argv: Sequence[str] | None = None, *, make_learner: Callable | None = None,
-         prog: str = PROG) -> int:
+         prog: str = PROG, description: str | None = None) -> int:
     """Run ``python -m numpylenet.train``; returns the exit status (errors exit via SystemExit).
 
     ``make_learner`` builds the learner from the config (default: :class:`numpylenet.loop.NumpyLearner`);
-    ``reference.train`` passes its torch learner here.
+    ``reference.train`` passes its torch learner here, and its own ``--help`` ``description``.
     """
-    parser = build_parser(prog)
+    parser = build_parser(prog, description)
     args = parser.parse_args(argv)
     return run_tool(parser, prog, lambda: _run(args, make_learner, prog))
 
@@ -508,7 +508,9 @@ def _announce(session: Session, prog: str) -> None:
               f"to train, testing it again (give --epochs N > {progress.epoch} to train further)",
               flush=True)
     elif session.resumed:
-        print(f"resuming at epoch {progress.epoch + 1}, step {progress.step + 1}", flush=True)
+        at = (f"step {progress.step + 1}" if progress.step < steps
+              else "its end (all its steps taken: validating it)")
+        print(f"resuming at epoch {progress.epoch + 1}, {at}", flush=True)
 
 
 def _train_and_report(session: Session, prog: str) -> int:

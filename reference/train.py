@@ -134,8 +134,14 @@ def _data_kernels_on_one_thread() -> None:
     numba.set_num_threads(1)
 
 
+DESCRIPTION = ("Train the PyTorch reference LeNet-5 with numpylenet.train's recipes, flags, data and "
+               "outputs (the same batches for the same seed). --backend is accepted, so that both take the "
+               "same command line, and ignored: torch computes (config.json's resolved.backend says so).")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return numpylenet_main(argv, make_learner=TorchLearner, prog="python -m reference.train")
+    return numpylenet_main(argv, make_learner=TorchLearner, prog="python -m reference.train",
+                           description=DESCRIPTION)
 
 
 if __name__ == "__main__":

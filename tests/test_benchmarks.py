@@ -397,3 +397,28 @@ def test_parity_reuses_a_saved_run_only_while_its_recipe_is_unchanged(tmp_path):
     assert not is_current_run(folder, "default")
     (folder / "config.json").write_text(json.dumps({**config, "lr": config["lr"] / 4}))  # an older recipe
     assert not is_current_run(folder, "speedrun")
+
+
+@pytest.mark.parametrize("module, flags, named", [
+    ("step", ["--clock-ghz", "-1"], "--clock-ghz"), ("step", ["--clock-ghz", "nan"], "--clock-ghz"),
+    ("step", ["--flop-per-cycle", "0"], "--flop-per-cycle"), ("parity", ["--backend", "foo"], "--backend"),
+    ("time_to_accuracy", ["--contenders", "torch.compile"], "no contender left"),
+])
+def test_benchmark_flags_that_cannot_run_are_one_line_errors(tmp_path, module, flags, named):
+    """A negative clock would print a negative peak, 0 FLOP/cycle was replaced silently by the detected
+    value, a bad backend failed in a child whose error was dropped, and --quick emptied --contenders."""
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", *flags, "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("form", ["--readme={}", "--readm {}"])
+def test_all_hears_a_named_document_in_every_argparse_form(quick_results, tmp_path, form):
+    """With --quick only an explicitly named document is rewritten: also as --readme=PATH or abbreviated."""
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    before = readme.read_text()
+    subprocess.run([sys.executable, "-m", "benchmarks.all", "--quick", "--no-run", "--out", str(quick_results["out"]),
+                    *form.format(readme).split()], cwd=REPO, check=True, capture_output=True)
+    assert readme.read_text() != before

@@ -113,6 +113,13 @@ def test_dtype_option_float32_compares_with_torch_only(capsys):
                                                ("output", "grad_input", "grad_weight", "grad_bias")}
 
 
+def test_a_negative_seed_is_a_one_line_error_not_a_broken_layer(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check.main(["--seed", "-1", "--layer", "relu"])
+    assert exit_info.value.code == 2
+    assert "--seed" in capsys.readouterr().err
+
+
 def test_unknown_layer_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         check.main(["--layer", "Conv3d"])

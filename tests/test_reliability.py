@@ -790,3 +790,19 @@ def test_output_piped_into_head_ends_without_a_traceback(tmp_path, finished):
                             env=environment(), capture_output=True, text=True, timeout=300)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert len(result.stdout.splitlines()) == 2 and result.stdout.splitlines()[-1] in ("status 141", "status 0")
+
+
+def test_resume_after_an_epoch_s_last_step_says_it_resumes_at_its_end(capsys, tmp_path):
+    """Stopped after step 3 of an epoch of 3 steps: there is no step 4 to resume at."""
+    class InterruptedOnStepThree(NumpyLearner):
+        def train_step(self, x, y, lr):
+            self.taken = getattr(self, "taken", 0) + 1
+            if self.taken == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().train_step(x, y, lr)
+
+    folder = tmp_path / "run"
+    code, _, err = run_train(capsys, *TINY, "--out", folder, make_learner=InterruptedOnStepThree)
+    assert code == 130 and "epoch 1, step 3" in err, err
+    code, out, _ = run_train(capsys, "--resume", folder / "last.npz")
+    assert code == 0 and "resuming at epoch 1, its end" in out and "step 4" not in out, out

@@ -392,6 +392,32 @@ def test_a_notebook_state_dict_is_read_in_its_saved_dtype(tmp_path):
         assert weights[name].dtype == np.float64 and np.array_equal(weights[name], value.numpy()), name
 
 
+def test_evaluate_names_its_reports_by_what_it_evaluated(capsys, tmp_path, run):
+    """Centred and random crops of one checkpoint are two evaluations: two reports, neither lost."""
+    for crop in ("random", "center"):
+        assert evaluate_main([str(run / "best.npz"), "--eval-crop", crop, "--out", str(tmp_path)]) == 0
+    random = json.loads((tmp_path / "eval-best-mnist-sample-random-crops.json").read_text())
+    centred = json.loads((tmp_path / "eval-best-mnist-sample.json").read_text())
+    assert (random["eval_crop"], centred["eval_crop"]) == ("random", "center")
+    capsys.readouterr()
+
+
+def test_evaluate_blames_a_bad_backend_not_the_checkpoint(capsys, monkeypatch, tmp_path, run):
+    monkeypatch.setenv("NUMPYLENET_BACKEND", "foo")
+    code, _, err = run_evaluate(capsys, run / "best.npz", "--out", tmp_path)
+    assert code == 2 and "NUMPYLENET_BACKEND" in err and "does not hold LeNet-5 weights" not in err, err
+
+
+@needs_torch
+def test_reference_train_s_help_describes_the_torch_trainer(capsys):
+    from reference.train import main as reference_main
+
+    with pytest.raises(SystemExit):
+        reference_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "PyTorch reference" in out and "(NumPy)" not in out and "--backend is accepted" in out
+
+
 @needs_torch
 def test_evaluate_rejects_a_state_dict_of_another_network(capsys, tmp_path):
     import torch
