@@ -66,6 +66,8 @@ PROG = "python -m numpylenet.train"
 # The resumable settings that act only on training steps: a resumed run with no step left to
 # take must keep them as saved (see _resolve), or config.json would describe no training done.
 TRAINING_SETTINGS = ("lr", "momentum", "weight_decay")
+# The ranges of the affine augmentation: meaningless, and refused, with any other (see resolve_config).
+AFFINE_SETTINGS = ("affine_degrees", "affine_translate", "affine_scale", "affine_shear")
 
 
 def build_parser(prog: str = PROG, description: str | None = None) -> OneLineErrorParser:
@@ -206,6 +208,9 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None,
         raise ValueError("--momentum applies only to --optimizer sgd (Adam's momentum is its beta1)")
     if args.nesterov is not None and config.optimizer != "sgd":
         raise ValueError("--nesterov applies only to --optimizer sgd")
+    ignored = [_flag(name, getattr(args, name)) for name in AFFINE_SETTINGS if getattr(args, name) is not None]
+    if ignored and not (config.augment and config.augmentation == "affine"):
+        raise ValueError(f"{', '.join(ignored)} applies only to --augmentation affine (with --augment)")
     return config
 
 

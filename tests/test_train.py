@@ -216,6 +216,8 @@ BAD_FLAGS = [
     (["--epochs", "three"], "--epochs"),
     (["--momentum", "0.5", "--optimizer", "adam"], "--momentum"),
     (["--nesterov", "--optimizer", "adam"], "--nesterov"),
+    (["--affine-degrees", "30", "--augmentation", "shift"], "--affine-degrees 30"),
+    (["--affine-shear", "5", "--recipe", "default", "--no-augment"], "--affine-shear 5"),
     (["--dataset", "mnist", "--no-download", "--data-dir", "{tmp}/missing"], "missing"),
     (["--resume", "{tmp}/nothing.npz"], "does not exist"),
 ]
