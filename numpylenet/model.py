@@ -133,7 +133,7 @@ class LeNet5:
         for backward is not copied: a copy starts with a forward pass."""
         settings = {"activation": self.activation, "pool": self.pool, "dtype": self.dtype.name,
                     "backend": self.backend}
-        return _restore, (settings, self.flat_data, self.flat_grad)
+        return _restore, (type(self), settings, self.flat_data, self.flat_grad)
 
     # --- forward and backward ------------------------------------------------------------------
 
@@ -253,9 +253,9 @@ class LeNet5:
                 f"backend={self.backend!r})[\n{body}\n]")
 
 
-def _restore(settings: dict, flat_data: np.ndarray, flat_grad: np.ndarray) -> LeNet5:
-    """The model that :meth:`LeNet5.__reduce__` describes."""
-    model = LeNet5(**settings)
+def _restore(cls: type, settings: dict, flat_data: np.ndarray, flat_grad: np.ndarray) -> LeNet5:
+    """The model that :meth:`LeNet5.__reduce__` describes (of class ``cls``: LeNet5 or a subclass)."""
+    model = cls(**settings)
     model.flat_data[...] = flat_data
     model.flat_grad[...] = flat_grad
     return model
