@@ -130,7 +130,6 @@ def jax_logits(params: Mapping, x):
     then fc1 (120 -> 84) + ReLU and fc2 (84 -> 10).
     """
     import jax
-    import jax.numpy as jnp
 
     def conv_relu(h, name):
         h = jax.lax.conv_general_dilated(h, params[f"{name}.weight"], window_strides=(1, 1),

@@ -186,30 +186,44 @@ def build_with_cache_recovery(build: Callable[[], T], note: Callable[[str], None
     entry it came from (its index and data files), says so through ``note``, and builds again,
     so Numba recompiles that kernel; any other error propagates unchanged.
     """
-    from .loop import StopOnInterrupt, interruption
+    from .loop import interruption
 
     timer = None
     if announce is not None:
         timer = threading.Timer(ANNOUNCE_AFTER_SECONDS, lambda: print(announce, flush=True))
         timer.daemon = True
         timer.start()
-    # Numba's compiler cannot be stopped halfway: a KeyboardInterrupt raised inside it is dropped
-    # by a ctypes callback (the run goes on) or leaves a half-built library behind (a RuntimeError
-    # at its next step). So the first Ctrl-C or SIGTERM waits for the build to end (what it
-    # compiled stays in the disk cache), and a second one aborts at once, whatever it broke.
-    held = StopOnInterrupt("once the Numba compile in progress is done, keeping it in the cache")
+    held = _held_while_compiling()
     try:
         with held:
             built = _build_recovering(build, note, stop=lambda: held.requested != 0)
-    except Exception:
-        if not held.aborted:
-            raise
     finally:
         if timer is not None:
             timer.cancel()
     if held.requested:
         raise interruption(held.requested)
     return built
+
+
+def _held_while_compiling():
+    """A :class:`numpylenet.loop.StopOnInterrupt` for a build: the first Ctrl-C or SIGTERM waits for
+    the build to end (what it compiled stays in the disk cache); a second one ends the process at
+    once, with status 128 + the signal, as a kill would (the run folder's lock goes with it).
+
+    Numba's compiler cannot be interrupted otherwise: a KeyboardInterrupt raised while it compiles
+    lands, most of the time, in a ctypes callback of LLVM's, which drops it (the compile runs on),
+    and else leaves a half-built library behind (a RuntimeError at the next step).
+    """
+    from .loop import SIGNAL_NAMES, StopOnInterrupt
+
+    class HeldWhileCompiling(StopOnInterrupt):
+        def _handle(self, signum, frame) -> None:
+            if self.requested:
+                print(f"\n{SIGNAL_NAMES[signum]} again: aborting the compile", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            super()._handle(signum, frame)
+
+    return HeldWhileCompiling("once the Numba compile in progress is done, keeping it in the cache")
 
 
 def _build_recovering(build: Callable[[], T], note: Callable[[str], None], stop: Callable[[], bool]) -> T:

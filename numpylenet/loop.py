@@ -193,12 +193,10 @@ class StopOnInterrupt:
 
     def __init__(self, when: str = "after this step and saving last.npz"):
         self.requested = 0
-        self.aborted = False
         self.when = when
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            self.aborted = True
             raise interruption(signum)
         self.requested = signum
         print(f"\n{SIGNAL_NAMES[signum]}: stopping {self.when} (send it again to abort)",

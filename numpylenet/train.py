@@ -7,14 +7,14 @@ speedrun`` reaches 99% in two epochs. Every other flag overrides one setting of 
 A run writes into its folder (``--out``, default ``runs/<timestamp>``), which it claims for itself
 before loading anything (:mod:`numpylenet.run_folder`: one run per folder, never two mixed)::
 
-    config.json          every resolved setting, plus the data set actually used and versions
+    config.json          every setting, then (``resolved``) the data set actually used, backend, versions
     metrics.jsonl        one JSON line per epoch: losses, validation accuracy, seconds, images/s
     summary.json         test loss and accuracy, which weights they are of, per-class accuracy,
                          train_seconds (first step to last, validation and checkpoints included)
     last.npz, best.npz   checkpoints after the latest epoch / the lowest validation loss
     learning_curves.png, predictions.png, confusion_matrix.png, conv1_filters.png
 
-Every file is written atomically; JSON files write NaN and infinities as ``null``.
+Every output file is written atomically; JSON files write NaN and infinities as ``null``.
 
 Ctrl-C or SIGTERM stops between two steps and saves ``last.npz`` (during the Numba compile it
 waits for the compile to end; during the final test it stops, and ``--resume`` tests again;

@@ -548,26 +548,26 @@ def test_a_signal_during_the_build_waits_for_its_end(capsys, signum, raised):
     assert "stopping once the Numba compile in progress is done" in capsys.readouterr().err
 
 
-def test_a_second_ctrl_c_aborts_the_build_whatever_it_raises():
-    """The second Ctrl-C interrupts at once; what the compiler then raises (Numba: RuntimeError
-    "no compiled object yet") becomes the interruption, and no cache recovery builds again."""
-    from numpylenet.cli import build_with_cache_recovery
-
-    calls = []
-
-    def build():                        # a compiler that breaks when interrupted, as Numba's
-        calls.append(True)
-        try:
-            for _ in range(2):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            raise RuntimeError("no compiled object yet") from None
-        raise AssertionError("the second Ctrl-C did not interrupt the build")
-
-    with pytest.raises(KeyboardInterrupt):
-        build_with_cache_recovery(build, print)
-    assert calls == [True]
+def test_a_second_ctrl_c_ends_the_build_at_once_whatever_the_compiler_does():
+    """A KeyboardInterrupt raised while Numba compiles mostly lands in an LLVM callback whose
+    ctypes wrapper drops it: the second Ctrl-C must end the process itself, at once, exit 130."""
+    script = (
+        "import os, signal, time\n"
+        "from numpylenet.cli import build_with_cache_recovery\n"
+        "def build():                          # a compiler that swallows every interruption\n"
+        "    for _ in range(2):\n"
+        "        try:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            time.sleep(0.2)\n"
+        "        except BaseException:\n"
+        "            pass\n"
+        "    time.sleep(20)\n"
+        "build_with_cache_recovery(build, print)\n")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 130 and time.perf_counter() - started < 10, result.stderr
+    assert "Ctrl-C again: aborting the compile" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_quick_build_is_not_announced_and_numpy_compiles_nothing(capsys):
