@@ -210,9 +210,19 @@ def test_a_copy_trains_as_the_original_and_apart_from_it(backend):
             twin.forward_backward(images, labels)
             optimizer.step()
     for twin in copies:
+        assert type(twin) is LeNet5
         for (name, param), (_, original) in zip(twin.named_parameters(), model.named_parameters()):
             assert param.data.base is twin.flat_data and param.grad.base is twin.flat_grad, name
             assert np.array_equal(param.data, original.data) and not np.array_equal(param.data, start[name]), name
+
+
+def test_a_copy_of_a_subclass_is_of_that_subclass():
+    import copy
+
+    class Wider(LeNet5):
+        pass
+
+    assert type(copy.deepcopy(Wider(seed=0, backend="numpy"))) is Wider
 
 
 @pytest.mark.skipif(numba_unavailable_reason() is not None, reason="numba backend unavailable")
