@@ -17,17 +17,17 @@ before loading anything (:mod:`numpylenet.run_folder`: one run per folder, never
 Every output file is written atomically; JSON files write NaN and infinities as ``null``.
 
 Ctrl-C or SIGTERM stops between two steps and saves ``last.npz`` (during the Numba compile it
-waits for the compile to end; during the final test it stops, and ``--resume`` tests again;
-``summary.json`` is written last); ``--resume RUN/last.npz``
-continues exactly where the run stopped (``last.npz`` is what ``--resume`` wants; ``best.npz`` is
-for ``numpylenet.evaluate``). On resume only ``--epochs``, ``--lr``, ``--momentum``,
+waits for the compile to end, a second one aborting at once; during the final test it stops, and
+``--resume`` tests again; ``summary.json`` is written last); ``--resume RUN/last.npz`` continues
+exactly where the run stopped (``last.npz`` is what ``--resume`` wants; ``best.npz`` is for
+``numpylenet.evaluate``). On resume only ``--epochs``, ``--lr``, ``--momentum``,
 ``--weight-decay``, ``--backend``, ``--threads``, ``--data-dir`` and ``--download`` may change
 (:data:`numpylenet.recipes.RESUMABLE`); every setting that decides the network, the data order or
 the split must stay as saved. A finished run resumed with the same ``--epochs`` is tested again
 (``--lr``, ``--momentum`` and ``--weight-decay``, which would train nothing, must then stay as
-saved; ``--epochs`` may never fall below the epochs already trained). The test accuracy is reported for the weights of the epoch with the
-lowest validation loss (``best.npz``) when the run can show them, else for the last weights, and the
-report says which. Exit status: 0 done, 1 training diverged (a NaN/inf loss or weight), 2 bad
+saved; ``--epochs`` may never fall below the epochs already trained). The test accuracy is
+reported for the weights of the epoch with the lowest validation loss (``best.npz``) when the run
+can show them, else for the last weights, and the report says which. Exit status: 0 done, 1 training diverged (a NaN/inf loss or weight), 2 bad
 command line, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
 
 Nothing heavy (tqdm, matplotlib, numba, torch) is imported before the command line is parsed, so
