@@ -33,8 +33,8 @@ from .names import BACKEND_NAMES
 __all__ = ["OneLineErrorParser", "RunError", "run_tool", "positive_int", "non_negative_int",
            "positive_float", "non_negative_float", "open_fraction", "path_argument",
            "add_data_arguments", "add_backend_argument", "load_error_text", "confusion_matrix",
-           "per_class_accuracy", "available_cores", "build_with_cache_recovery", "compile_announcement",
-           "ANNOUNCE_AFTER_SECONDS", "print_note"]
+           "per_class_accuracy", "available_cores", "build_with_cache_recovery", "backend_or_numpy",
+           "compile_announcement", "ANNOUNCE_AFTER_SECONDS", "print_note"]
 
 T = TypeVar("T")
 
@@ -157,14 +157,20 @@ def per_class_accuracy(matrix) -> dict[str, float | None]:
 ANNOUNCE_AFTER_SECONDS = 1.0
 
 
+def backend_or_numpy(name: str | None) -> str:
+    """The backend ``name`` resolves to, or "numpy" when it cannot run (building the learner
+    reports why)."""
+    try:
+        return resolve_backend(name)
+    except ValueError:
+        return "numpy"
+
+
 def compile_announcement(backend: str | None, dtype: str, optimizer: str | None) -> str | None:
     """What to print while the learner's kernels compile: None unless ``backend`` resolves to
     numba (the numpy backend compiles nothing)."""
-    try:
-        if resolve_backend(backend) != "numba":
-            return None
-    except ValueError:
-        return None         # building the learner reports it
+    if backend_or_numpy(backend) != "numba":
+        return None
     what = dtype if optimizer is None else f"{dtype} and {optimizer}"
     return (f"compiling Numba kernels for {what}, once per machine: ~{COMPILE_SECONDS} s "
             f"(then cached on disk)")

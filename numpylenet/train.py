@@ -47,9 +47,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .backend import resolve_backend, thread_limit
+from .backend import thread_limit
 from .cli import (OneLineErrorParser, RunError, add_backend_argument, add_data_arguments,
-                  available_cores, load_error_text, non_negative_float, non_negative_int,
+                  available_cores, backend_or_numpy, load_error_text, non_negative_float, non_negative_int,
                   open_fraction, path_argument, positive_float, positive_int, print_note, run_tool)
 from .names import ACTIVATION_NAMES, DTYPE_NAMES, POOL_NAMES
 from .recipes import AUGMENTATIONS, DATASET_CHOICES, OPTIMIZERS, RECIPES, RESUMABLE, TrainConfig
@@ -318,15 +318,6 @@ def _run_folder_path(args: argparse.Namespace) -> Path:
     return folder
 
 
-def _backend_or_numpy(name: str | None) -> str:
-    """The backend ``name`` resolves to, or "numpy" when it cannot run (building the learner
-    reports why)."""
-    try:
-        return resolve_backend(name)
-    except ValueError:
-        return "numpy"
-
-
 def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoint | None,
              make_learner: Callable, folder: Path, prog: str) -> Session:
     """Load the data, build (or restore) the learner, write the run's description.
@@ -345,7 +336,7 @@ def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoi
 
     if config.threads is not None:
         # config.json records the threads the run computes with, not more than it can use.
-        limit, what = thread_limit(_backend_or_numpy(config.backend)
+        limit, what = thread_limit(backend_or_numpy(config.backend)
                                    if make_learner.framework == NumpyLearner.framework else "numpy")
         if config.threads > limit:
             print_note(prog, f"--threads {config.threads} capped at {what}")
