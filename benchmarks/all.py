@@ -1,4 +1,4 @@
-"""Run every benchmark, then rewrite the benchmark tables in README.md and docs/tour.md.
+"""Run every benchmark, then rewrite the benchmark tables in README.md and docs/.
 
     python -m benchmarks.all [--quick] [--threads 2] [--out DIR] [--only NAME ...] [--no-run]
                              [--readme PATH | --no-readme]
@@ -8,9 +8,10 @@ passing on ``--quick``, ``--threads`` and ``--out`` when the script accepts them
 ``--help``). In quick mode a script without ``--quick`` is skipped rather than run at full size.
 A failing benchmark is reported and the others still run; the exit status is 1 if any failed.
 
-Then, unless ``--quick`` or ``--no-readme``, every block of README.md and docs/tour.md between
-``<!-- benchmarks:<name> -->`` and ``<!-- /benchmarks:<name> -->`` is replaced by that benchmark's
-latest table, with the machine, the threads, the versions and the date above it. A table comes from
+Then, unless ``--quick`` or ``--no-readme``, every block of DOCUMENTS (README.md, docs/tour.md,
+docs/recipes.md) between ``<!-- benchmarks:<name> -->`` and ``<!-- /benchmarks:<name> -->`` is
+replaced by that benchmark's latest table, with the machine, the threads, the versions and the date
+above it. A table comes from
 ``<out>/<name>.json`` (its ``markdown`` and ``meta`` fields, as :mod:`benchmarks.common` writes
 them) or, failing that, from ``<out>/<name>.md``. ``--no-run`` only rewrites the documents.
 """
@@ -30,7 +31,7 @@ from benchmarks.common import REPO, RESULTS
 BENCHMARKS = ("step", "inference", "layers", "memory", "cold_start", "epoch", "parity", "data_epoch",
               "time_to_accuracy")
 # Documents whose marked blocks hold benchmark tables.
-DOCUMENTS = (REPO / "README.md", REPO / "docs" / "tour.md")
+DOCUMENTS = (REPO / "README.md", REPO / "docs" / "tour.md", REPO / "docs" / "recipes.md")
 
 
 def accepted_flags(name: str) -> set[str] | None:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
     parser.add_argument("--no-run", action="store_true", help="only rewrite the documents from existing results")
     parser.add_argument("--readme", type=Path, nargs="+", default=list(DOCUMENTS),
-                        help="the documents to rewrite (default README.md and docs/tour.md)")
+                        help="the documents to rewrite (default README.md, docs/tour.md, docs/recipes.md)")
     parser.add_argument("--no-readme", action="store_true", help="leave the documents alone")
     args = parser.parse_args(argv)
 

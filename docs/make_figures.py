@@ -4,7 +4,7 @@ Run from anywhere, with the dev and reference extras installed (it needs torch):
 
     python docs/make_figures.py
 
-It takes about a minute on an idle two-core machine and writes
+It takes about 15 s on a two-core machine and writes
 
 * ``im2col.png``          - the worked example of the tour: a 1x4x4 input, a 2x2 kernel, the column
                             matrix that ``numpylenet.im2col`` builds and the product that is the convolution;
@@ -40,7 +40,7 @@ SEED = 0
 BATCH_SIZE = 64
 LR = 3e-3
 # 400 steps of 64 images is about 4.7 passes over the sample's 5,400 training images: enough for
-# ~96% validation accuracy and for conv1's filters to show structure, in about a minute of NumPy.
+# ~96% validation accuracy and for conv1's filters to show structure, in a few seconds.
 STEPS = 400
 EVAL_EVERY = 25
 # The float64 comparison only needs to show that the two frameworks agree to round-off.

@@ -314,8 +314,9 @@ print("the first step is about lr * sign(g): (before - after) / lr =\n", ((befor
 # %% [markdown]
 # ## 8. A short training run
 #
-# One training step is four lines ([`numpylenet/loop.py: NumpyLearner.train_step`](../numpylenet/loop.py)):
-# zero the gradients, forward and loss, backward, step. Here 300 steps of 64 randomly cropped
+# One training step is four lines: zero the gradients, forward and loss, backward, step
+# ([`numpylenet/loop.py: NumpyLearner.train_step`](../numpylenet/loop.py) also sets the step's learning
+# rate, and runs forward, loss and backward as one call, `LeNet5.forward_backward`). Here 300 steps of 64 randomly cropped
 # digits with Adam at `lr = 3e-3` (about 3.5 passes over the sample's 5,400 training images), with
 # the validation accuracy every 25 steps
 # ([`numpylenet/data.py: batch_indices`](../numpylenet/data.py) shuffles each epoch):

@@ -63,8 +63,9 @@ class LeNet5:
     dtype : float32 or float64
     seed : int or None, seeds torch-style U(-1/sqrt(fan_in), 1/sqrt(fan_in)) initialisation.
     backend : {"numpy", "numba"} or None
-        "numpy" runs the layers above one by one; "numba" runs the same math as two fused
-        parallel kernels (:mod:`numpylenet.kernels`, run by :class:`numpylenet.engine.NumbaLeNet5`,
+        "numpy" runs the layers above one by one; "numba" runs the same math as fused
+        per-thread passes in one parallel kernel (:mod:`numpylenet.kernels`, run by
+        :class:`numpylenet.engine.NumbaLeNet5`,
         this model's ``engine``). None: $NUMPYLENET_BACKEND, else numba if it imports, else numpy
         (see :func:`numpylenet.backend.resolve_backend`).
     """

@@ -222,7 +222,9 @@ class Adam(Optimizer):
         step_size * m / (sqrt(v) / bias_correction2_sqrt + eps), as torch computes it.
 
         ``bias_correction2_sqrt`` stays a NumPy float64: dividing a float32 array by it forms the
-        denominator in float64, as torch's float32 Adam does; the fused loop rounds the same."""
+        denominator in float64 (NumPy's promotion), and the fused loop rounds the same, so the
+        two backends agree. torch's float32 Adam forms it in float32: float32 weights then differ
+        from torch's by a unit in the last place here and there (float64 runs are unaffected)."""
         beta1, beta2 = self.betas
         t = self.step_count
         return AdamStep(step_size=self.lr / (1 - beta1 ** t),
