@@ -148,14 +148,15 @@ def test_channel_axis_is_kept():
 
 def test_random_parameters_lie_in_their_ranges_and_follow_torchvision_rounding():
     ranges = AffineRanges(degrees=15, translate=0.1, scale=0.2, shear=12)
-    draws = augment.random_affine_parameters(10_000, (32, 28), ranges, np.random.default_rng(0))
+    draws = augment.random_affine_parameters(10_000, (40, 20), ranges, np.random.default_rng(0))
     assert np.all(np.abs(draws["angles"]) <= 15) and np.all(np.abs(draws["shears"][:, 0]) <= 12)
     assert np.all(draws["shears"][:, 1] == 0)
     assert np.all((0.8 <= draws["scales"]) & (draws["scales"] <= 1.2))
     tx, ty = draws["translations"].T
     assert np.all(tx == np.round(tx)) and np.all(ty == np.round(ty))
-    # round(uniform(-2.8, 2.8)) for the width 28, round(uniform(-3.2, 3.2)) for the height 32
-    assert set(tx) == {-3, -2, -1, 0, 1, 2, 3} and set(ty) == {-3, -2, -1, 0, 1, 2, 3}
+    # round(uniform(-2, 2)) for the width 20, round(uniform(-4, 4)) for the height 40: far enough
+    # apart that swapping width and height changes the sets
+    assert set(tx) == {-2, -1, 0, 1, 2} and set(ty) == {-4, -3, -2, -1, 0, 1, 2, 3, 4}
     # each range is covered, not just bounded (uniform: the mean is near the middle)
     assert abs(draws["angles"].mean()) < 0.5 and abs(draws["scales"].mean() - 1) < 0.01
 

@@ -110,6 +110,35 @@ def test_every_field_is_mutated(parts):
     assert sorted(real, key=str) == sorted(FIELDS, key=str), "the parametrisation below is stale"
 
 
+def best_loss_not_the_best_epoch_s(content):
+    content["history"][content["progress"]["best_epoch"] - 1]["valid_loss"] += 1.0
+
+
+def fewer_images_than_steps(content):
+    content["progress"].update(step=2, step_losses=[1.0, 1.0], epoch_images=1)
+
+
+def step_losses_not_one_a_step(content):
+    content["progress"].update(step=2, step_losses=[1.0], epoch_images=64)
+
+
+def images_before_the_first_step(content):
+    content["progress"].update(step=0, step_losses=[], epoch_images=5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (best_loss_not_the_best_epoch_s, "best validation loss"), (fewer_images_than_steps, "inconsistent"),
+    (step_losses_not_one_a_step, "inconsistent"), (images_before_the_first_step, "inconsistent")])
+def test_parts_that_contradict_each_other_are_refused(parts, edit, message):
+    """Each field valid on its own, together impossible (a hand edit, a mix of two runs)."""
+    content = json.loads(json.dumps(parts))
+    assert content["progress"]["best_epoch"] >= 1
+    check_parts(content, MODEL, OPTIMIZER)          # the real parts pass
+    edit(content)
+    with pytest.raises(ValueError, match=message):
+        check_parts(content, MODEL, OPTIMIZER)
+
+
 @pytest.mark.parametrize("part, index, name", FIELDS, ids=[f"{p}{'' if i is None else i}.{n}" for p, i, n in FIELDS])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=VALUES)

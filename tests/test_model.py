@@ -102,7 +102,7 @@ def test_copy_helpers_reject_a_different_network():
 
 
 def test_named_parameters_follow_torch_names_and_order():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from reference import LeNet
 
     torch_names = [name for name, _ in LeNet().named_parameters()]
@@ -387,6 +387,21 @@ def test_backward_does_not_depend_on_the_caller_keeping_x(backend):
     pairs.update({"grad_" + name: (param.grad, twin.grad) for (name, param), twin
                   in zip(model.named_parameters(), untouched.parameters())})
     assert_close(f"x overwritten after forward ({backend})", pairs, 0.0)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_returned_logits_and_input_gradients_are_the_caller_s(backend):
+    """What forward and backward return stays as returned: a later call of the same batch size
+    does not overwrite it (the numba engine keeps its results in buffers it reuses)."""
+    model = LeNet5(dtype=np.float64, seed=0, backend=backend)
+    (first_images, labels), (second_images, _) = batch(4, seed=1), batch(4, seed=2)
+    grad_logits = softmax_cross_entropy(model.forward(first_images), labels)[1]
+    logits = model.forward(first_images)
+    grad_input = model.backward(grad_logits)
+    kept_logits, kept_grad_input = logits.copy(), grad_input.copy()
+    model.forward(second_images)
+    model.backward(2 * grad_logits)
+    assert np.array_equal(logits, kept_logits) and np.array_equal(grad_input, kept_grad_input)
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -164,6 +164,24 @@ def test_state_dict_round_trip_continues_identically(kind, hyper):
         assert np.array_equal(param.data, twin.data), name
 
 
+@pytest.mark.parametrize("kind, hyper", [("adam", {"lr": 1e-3}), ("sgd", {"lr": 0.1, "momentum": 0.9})])
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    numba_unavailable_reason() is not None, reason="numba backend unavailable"))])
+def test_state_dict_is_a_snapshot_that_later_steps_leave_alone(kind, hyper, backend):
+    """state_dict() then more steps: the dict still holds the state it was taken at, so loading
+    it rewinds the optimiser (the fused numba path updates its buffers in place)."""
+    model = LeNet5(dtype=np.float64, seed=0, backend=backend)
+    optimizer = OPTIMIZERS[kind][0](model.parameters(), **hyper)
+    (first, first_labels), (second, second_labels) = batches(2)
+    numpy_step(model, optimizer, first, first_labels)
+    state = optimizer.state_dict()
+    kept = {name: np.array(value, copy=True) for name, value in state.items()}
+    numpy_step(model, optimizer, second, second_labels)
+    assert state.keys() == kept.keys()
+    for name, value in state.items():
+        assert np.array_equal(value, kept[name]), f"{name} changed after the snapshot"
+
+
 def test_optimizer_load_state_dict_rejects_foreign_state():
     model = LeNet5(dtype=np.float64, seed=0)
     optimizer = Adam(model.parameters())

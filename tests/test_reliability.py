@@ -230,6 +230,15 @@ def test_a_run_of_one_step_trains_at_the_peak_and_says_it_is_too_short(capsys, t
     assert "WARNING" in err and "single step" in err and "one-cycle" in err
 
 
+def test_each_epoch_records_the_learning_rate_of_its_last_step(capsys, tmp_path):
+    recorder = type("Recorder", (RecordRates,), {"rates": []})
+    assert run_train(capsys, *TINY, "--out", tmp_path, make_learner=recorder)[0] == 0
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = len(recorder.rates) // len(history)
+    assert steps > 1 and len(set(recorder.rates)) == len(recorder.rates)     # a rate that moves every step
+    assert [record["lr_end"] for record in history] == [recorder.rates[steps - 1], recorder.rates[-1]]
+
+
 def test_a_run_of_four_steps_finishes(capsys, tmp_path):
     # 4 steps: torch's OneCycleLR divides 0 by 0 here (the issue's --batch-size 5400 --epochs 4).
     recorder = type("Recorder", (RecordRates,), {"rates": []})

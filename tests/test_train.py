@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_runs import arrays, run_evaluate
+from cli_runs import arrays, run_evaluate, saved
 from cli_runs import run_train as train
 
 from numpylenet.checkpoint import load_checkpoint
+from numpylenet.cli import confusion_matrix, per_class_accuracy
 from numpylenet.evaluate import main as evaluate_main
 from numpylenet.loop import NumpyLearner, Terminated
-from numpylenet.data import write_idx
+from numpylenet.data import load_mnist, write_idx
 from numpylenet.recipes import RECIPES, TrainConfig, make_config
 from numpylenet.train import FIGURES, main as train_main
 
@@ -157,6 +158,47 @@ NEW_SETTINGS = ("label_smoothing", "affine_degrees", "affine_translate", "affine
                 "nesterov")
 
 
+class LossIsTheBatchSize(NumpyLearner):
+    """Trains as usual, but reports each step's loss as its batch size: a known loss per batch."""
+
+    def train_step(self, x, y, lr):
+        super().train_step(x, y, lr)
+        return float(len(y))
+
+
+def test_the_epoch_s_training_loss_weighs_each_batch_by_its_images(capsys, tmp_path):
+    # 80 images in batches of 32: 32, 32 and a short 16, so the mean loss per image is
+    # (32 * 32 + 32 * 32 + 16 * 16) / 80, not the mean of the three batches' losses.
+    code, _, _ = train(capsys, "--dataset", "mnist-sample", "--limit-train", "80", "--batch-size", "32",
+                       "--epochs", "1", "--valid-size", "0.01", "--out", tmp_path, make_learner=LossIsTheBatchSize)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert code == 0 and record["train_loss"] == pytest.approx((32 * 32 + 32 * 32 + 16 * 16) / 80)
+
+
+class OverconfidentAfterEpochOne(NumpyLearner):
+    """Trains in epoch 1 only (then at lr 0, so its weights stay); after epoch 1 its logits are
+    1000 times the model's: the same predictions, so the same accuracy, at a far larger loss."""
+
+    def train_step(self, x, y, lr):
+        self.taken = getattr(self, "taken", 0) + 1
+        return super().train_step(x, y, 0.0 if hasattr(self, "epoch_one_steps") else lr)
+
+    def logits(self, x):
+        if not hasattr(self, "epoch_one_steps"):       # the first validation: epoch 1's
+            self.epoch_one_steps = self.taken
+        return super().logits(x) * (1000 if self.taken > self.epoch_one_steps else 1)
+
+
+def test_the_best_epoch_is_the_lowest_validation_loss_even_at_equal_accuracy(capsys, tmp_path):
+    flags = [*TINY, "--backend", "numpy", "--dtype", "float64", "--out", tmp_path]
+    assert train(capsys, *flags, make_learner=OverconfidentAfterEpochOne)[0] == 0
+    first, second = (json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert second["valid_accuracy"] == first["valid_accuracy"] < 1 and second["valid_loss"] > first["valid_loss"]
+    assert saved(tmp_path / "last.npz")["best_epoch"] == 1 and saved(tmp_path / "best.npz")["epoch"] == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "best.npz" in summary["weights_used"] and summary["weights_epoch"] == 1
+
+
 # ----------------------------------------------------------------------------- resume
 
 class InterruptAt(NumpyLearner):
@@ -204,6 +246,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, tmp_path):
     assert code == 1 and "loss became nan" in err and "last good checkpoint" in err
     kept = arrays(tmp_path / "last.npz")
     assert all(np.isfinite(value).all() for name, value in kept.items() if name.startswith("model/"))
+
+
+class InfiniteLossAtStepTwo(NumpyLearner):
+    def train_step(self, x, y, lr):
+        loss = super().train_step(x, y, lr)
+        self.taken = getattr(self, "taken", 0) + 1
+        return math.inf if self.taken == 2 else loss
+
+
+def test_an_infinite_training_loss_stops_the_run_as_nan_does(capsys, tmp_path):
+    code, _, err = train(capsys, *TINY, "--out", tmp_path, make_learner=InfiniteLossAtStepTwo)
+    assert code == 1 and "loss became inf" in err and "last good checkpoint" in err
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
 
 
 BAD_FLAGS = [
@@ -295,8 +350,6 @@ def test_help_imports_nothing_heavy():
 def test_help_states_each_setting_s_default_as_the_runs_resolve_it(tmp_path):
     """Every "[default: X]" in --help of a recipe setting is what a run without that flag gets,
     and every "(recipe seed: X, default: Y, ...)" lists what each recipe's run gets."""
-    import argparse
-
     from numpylenet.train import build_parser, resolve_config
 
     parser = build_parser()
@@ -328,6 +381,25 @@ def test_evaluate_reproduces_the_run_and_writes_outputs(capsys, tmp_path, run):
     assert report["test_accuracy"] == summary["test_accuracy"]
     assert np.sum(report["confusion_matrix"]) == 1000
     assert (tmp_path / "eval-best-mnist-sample-confusion_matrix.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_confusion_matrix_rows_are_true_classes_and_per_class_accuracy_is_recall():
+    labels, predictions = np.array([0, 0, 0, 1, 2]), np.array([0, 1, 1, 1, 0])
+    matrix = confusion_matrix(labels, predictions, num_classes=3)
+    assert matrix.tolist() == [[1, 2, 0], [0, 1, 0], [1, 0, 0]]     # [true class, predicted class]
+    assert per_class_accuracy(matrix) == {"0": 1 / 3, "1": 1.0, "2": 0.0}
+    assert per_class_accuracy(confusion_matrix([1], [1], num_classes=2)) == {"0": None, "1": 1.0}
+
+
+def test_evaluate_counts_each_class_out_of_its_test_images(capsys, tmp_path, run):
+    assert evaluate_main([str(run / "best.npz"), "--out", str(tmp_path)]) == 0
+    printed = re.findall(r"class (\d): .*\((\d+)/(\d+)\)", capsys.readouterr().out)
+    _, test_labels = load_mnist(dataset="mnist-sample", train=False)
+    per_class = np.bincount(test_labels, minlength=10)
+    assert [int(total) for _, _, total in printed] == per_class.tolist()
+    matrix = np.array(json.loads((tmp_path / "eval-best-mnist-sample.json").read_text())["confusion_matrix"])
+    assert matrix.sum(axis=1).tolist() == per_class.tolist()
+    assert [int(correct) for _, correct, _ in printed] == np.diag(matrix).tolist()
 
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
