@@ -38,13 +38,13 @@ def one_cycle_lr(step: int, total_steps: int, max_lr: float, *, warmup_fraction:
     A short warm-up lets Adam's second-moment estimates settle before the large steps; the long
     decay to almost zero lets the weights settle into a minimum at the end.
 
-    The ``max(..., 0)`` and the ``w = 0`` case are the one difference from torch, and only for runs of at
-    most ``1 / warmup_fraction`` steps (4 by default). There torch's peak falls at or before step
-    0: at 4 steps it divides 0 by 0 (ZeroDivisionError), at 2 and 3 steps the run starts on the
-    decay, below the peak, and a single-step run takes its one step at ``final_lr`` (4e-6 of the
-    peak for the defaults). Here such a run starts at the peak and decays from it, so the schedule
-    is sane for every step count; from ``1 / warmup_fraction + 1`` steps on (5 by default) it is
-    torch's exactly.
+    The ``max(..., 0)`` and the ``w = 0`` case are the one difference from torch, and only for
+    runs of at most ``1 / warmup_fraction`` steps (4 by default). There torch's peak falls at or
+    before step 0: at 4 steps it divides 0 by 0 (ZeroDivisionError), at 2 and 3 steps the run
+    starts on the decay, below the peak, and a single-step run takes its one step at ``final_lr``
+    (4e-6 of the peak for the defaults). Here such a run starts at the peak and decays from it, so
+    the schedule is sane for every step count; for runs of more than ``1 / warmup_fraction`` steps
+    (5 and more by default) it is torch's exactly.
 
     Parameters
     ----------
