@@ -157,6 +157,20 @@ def test_peak_is_cores_times_clock_times_flop():
     machine = common.detect_machine(clock_ghz=2.5, flop_per_cycle=32)
     assert machine.peak_gflops == pytest.approx(machine.cores * 2.5 * 32)
     assert machine.peak_gflops_for(1) == pytest.approx(2.5 * 32)
+    # more threads than cores reach no more than every core
+    assert machine.peak_gflops_for(machine.cores + 3) == pytest.approx(machine.peak_gflops)
+
+
+def test_throughput_and_share_of_peak_come_from_the_median_repeat():
+    # Five repeats, median 0.02 s a batch of 10: 500 images/s; at 1,000 FLOP an image that is
+    # 5e5 FLOP/s, half of a 1e6 FLOP/s peak (the fastest repeat, 0.01 s, would claim all of it).
+    timings = {("torch", 10): common.Timing("torch", [0.04] * 5, 1),
+               ("numpylenet (numba)", 10): common.Timing("numpylenet (numba)", [0.01, 0.02, 0.03, 0.02, 0.05], 1)}
+    rows = {row["framework"]: row for row in common.throughput_rows(timings, flops_per_image=1000, peak_flops=1e6)}
+    ours = rows["numpylenet (numba)"]
+    assert ours["images_per_second"] == pytest.approx(500) and ours["share_of_peak"] == pytest.approx(0.5)
+    assert ours["median_microseconds"] == pytest.approx(20_000) and rows["torch"]["share_of_peak"] == pytest.approx(0.25)
+    assert timings[("numpylenet (numba)", 10)].spread == pytest.approx((0.05 - 0.01) / 0.02)
 
 
 def test_training_flops_match_the_hand_count():

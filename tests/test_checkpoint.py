@@ -53,8 +53,9 @@ def parts(tmp_path_factory) -> dict:
     return {name: saved(folder / "last.npz", name) for name in ("config", "progress", "history")}
 
 
-def write(path: Path, config, progress, history, model=None, optimizer=None) -> Path:
-    entries = {"format_version": np.array(1, np.int64), "framework": np.array("numpylenet"),
+def write(path: Path, config, progress, history, model=None, optimizer=None,
+          version=np.array(1, np.int64)) -> Path:
+    entries = {"format_version": version, "framework": np.array("numpylenet"),
                "config": np.array(json.dumps(config)), "progress": np.array(json.dumps(progress)),
                "history": np.array(json.dumps(history))}
     for name, value in (MODEL if model is None else model).items():
@@ -93,6 +94,14 @@ def must_refuse(part: str, name: str, original, value) -> bool:
 def test_the_real_checkpoint_loads(parts, tmp_path):
     checkpoint = load_checkpoint(write(tmp_path / "c.npz", **parts))
     assert checkpoint.config == parts["config"] and checkpoint.progress == parts["progress"]
+
+
+@pytest.mark.parametrize("version", [np.array(0, np.int64), np.array(-1, np.int64), np.array(2, np.int64),
+                                     np.array(1.0), np.array([1], np.int64)], ids=["0", "-1", "2", "1.0", "[1]"])
+def test_only_format_version_1_is_read(parts, tmp_path, version):
+    """A newer (or older, never written) format is refused by name, not read as if it were 1."""
+    with pytest.raises(CheckpointError, match="format version"):
+        load_checkpoint(write(tmp_path / "c.npz", **parts, version=version))
 
 
 # Every field of a two-epoch run's checkpoint: the config, the progress and both history records.

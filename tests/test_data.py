@@ -731,6 +731,45 @@ def test_evaluation_transform_matches_torchvision(digits, dtype, normalize, data
         np.testing.assert_array_equal(ours, expected)
 
 
+def indexed_images(count):
+    """count images, image i filled with the value i: a transformed batch shows which images it holds."""
+    return np.repeat(np.arange(count, dtype=np.uint8), 28 * 28).reshape(count, 28, 28)
+
+
+def epoch_order(config, images, epoch):
+    from numpylenet.pipeline import training_batches
+
+    labels = np.arange(len(images), dtype=np.int64)
+    return np.concatenate([y for _, _, y in training_batches(images, labels, config, "mnist", epoch)])
+
+
+def test_every_epoch_visits_every_image_once_in_a_fresh_order():
+    from numpylenet.recipes import make_config
+
+    config = make_config("speedrun", augment=False, batch_size=7, seed=3)
+    images = indexed_images(50)
+    orders = [epoch_order(config, images, epoch) for epoch in range(4)]
+    assert all(sorted(order) == list(range(50)) for order in orders)   # short last batch included
+    # Four draws of one permutation of 50 items would be a 1-in-(50!)^3 event.
+    assert len({tuple(order) for order in orders}) == 4
+    np.testing.assert_array_equal(epoch_order(config, images, 2), orders[2])   # and reproducible
+
+
+def test_augmentation_is_drawn_afresh_each_epoch_at_the_same_step():
+    # One image, batches of one: every epoch's step 0 shows it; its random shift (a crop of the
+    # image padded by 4) must change from epoch to epoch, or the run sees one fixed distortion.
+    from numpylenet.pipeline import training_batches
+    from numpylenet.recipes import make_config
+
+    config = make_config("speedrun", augment=True, augmentation="shift", batch_size=1, seed=0)
+    image = np.zeros((1, 28, 28), np.uint8)
+    image[0, 10:18, 10:18] = 255
+    shifted = [next(training_batches(image, np.zeros(1, np.int64), config, "mnist", epoch))[1]
+               for epoch in range(8)]
+    # 25 possible offsets: eight epochs all alike would be a (1/25)^7 event.
+    assert len({x.tobytes() for x in shifted}) > 1
+
+
 def test_notebook_train_transform(digits):
     """T.Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor()]) for fixed choices."""
     F = torchvision_functional()

@@ -182,6 +182,30 @@ def test_state_dict_is_a_snapshot_that_later_steps_leave_alone(kind, hyper, back
         assert np.array_equal(value, kept[name]), f"{name} changed after the snapshot"
 
 
+@pytest.mark.parametrize("kind, hyper, buffers", [("sgd", {"lr": 0.05, "momentum": 0.9}, ("momentum_buffer",)),
+                                                   ("adam", {"lr": 1e-3}, ("exp_avg", "exp_avg_sq"))])
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    numba_unavailable_reason() is not None, reason="numba backend unavailable"))])
+def test_a_model_s_parameters_in_another_order_step_and_save_as_torch_s(kind, hyper, buffers, backend):
+    """All of a model's parameters, but reversed: each still gets its own update and its own state
+    entry, as in torch.optim (the fused loop of a numba model assumes the model's order)."""
+    ours_class, torch_class = OPTIMIZERS[kind]
+    torch.manual_seed(0)
+    reference = TorchLeNet5("relu", "avg").double()
+    model = LeNet5(dtype=np.float64, seed=0, backend=backend)
+    copy_torch_to_numpy(reference, model)
+    ours, theirs = model.parameters()[::-1], list(reference.parameters())[::-1]
+    optimizer, torch_optimizer = ours_class(ours, **hyper), torch_class(theirs, **hyper)
+    for images, labels in batches(3):
+        numpy_step(model, optimizer, images, labels)
+        torch_step(reference, torch_optimizer, images, labels)
+    state = optimizer.state_dict()
+    pairs = {f"param {index}": (p.data, q.detach().numpy()) for index, (p, q) in enumerate(zip(ours, theirs))}
+    pairs.update({f"{name}.{index}": (state[f"{name}.{index}"], torch_optimizer.state[q][name].numpy())
+                  for index, q in enumerate(theirs) for name in buffers})
+    assert_close(f"{kind}, parameters reversed ({backend})", pairs, TRAJECTORY_TOLERANCE)
+
+
 def test_optimizer_load_state_dict_rejects_foreign_state():
     model = LeNet5(dtype=np.float64, seed=0)
     optimizer = Adam(model.parameters())

@@ -154,6 +154,18 @@ def test_sigterm_stops_like_ctrl_c_and_a_live_run_keeps_its_folder(capsys, tmp_p
 
 # ---------------------------------------------------------------------------- 3. which weights were tested
 
+def test_the_test_figures_are_the_best_weights_when_the_best_epoch_is_not_the_last(capsys, tmp_path, regressed):
+    summary = json.loads((regressed / "summary.json").read_text())
+    assert summary["weights_epoch"] == 1 and "best.npz" in summary["weights_used"]
+    reports = {}
+    for weights in ("best", "last"):
+        assert run_evaluate(capsys, regressed / f"{weights}.npz", "--out", tmp_path)[0] == 0
+        reports[weights] = json.loads((tmp_path / f"eval-{weights}-mnist-sample.json").read_text())
+    assert reports["best"]["test_loss"] != reports["last"]["test_loss"]      # the two do differ
+    assert (summary["test_loss"], summary["test_accuracy"]) == (reports["best"]["test_loss"],
+                                                                reports["best"]["test_accuracy"])
+
+
 def test_resume_without_best_npz_reports_the_last_weights(capsys, tmp_path, regressed):
     folder = tmp_path / "c"
     folder.mkdir()
@@ -163,6 +175,7 @@ def test_resume_without_best_npz_reports_the_last_weights(capsys, tmp_path, regr
     assert "lowest validation loss" not in out and "the last weights, after epoch 2" in out, out
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["best_epoch"] is None and summary["weights_epoch"] == 2
+    assert summary["best_valid_loss"] is None          # no best epoch is claimed, nor its loss
     # The accuracy reported is that of the last weights, as evaluate measures them.
     assert run_evaluate(capsys, folder / "last.npz", "--out", tmp_path / "eval")[0] == 0
     report = json.loads((tmp_path / "eval" / "eval-last-mnist-sample.json").read_text())
@@ -179,6 +192,17 @@ def test_best_npz_of_another_run_is_not_claimed(capsys, tmp_path, finished, regr
     # The earlier epochs' best cannot be shown, so the best is chosen among epoch 3 on: epoch 3.
     assert "the weights of epoch 3 (lowest validation loss of epochs 3-3" in out, out
     assert saved(folder / "best.npz")["epoch"] == 3 and saved(folder / "last.npz")["best_epoch"] == 3
+
+
+def test_a_finished_run_with_another_run_s_best_npz_claims_no_best(capsys, tmp_path, finished, regressed):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    shutil.copy(regressed / "last.npz", folder / "last.npz")
+    shutil.copy(finished[0] / "best.npz", folder / "best.npz")
+    code, out, err = run_train(capsys, "--resume", folder / "last.npz")      # tested again, as it is
+    assert code == 0 and "does not hold the best weights of this run" in err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (summary["best_epoch"], summary["best_valid_loss"], summary["weights_epoch"]) == (None, None, 2)
 
 
 # ---------------------------------------------------------------------------- 4. non-finite validation or weights

@@ -230,6 +230,18 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(capsys, tmp_path, interrup
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
 
 
+def test_resume_inside_an_epoch_refuses_epochs_that_end_before_it(capsys, tmp_path):
+    flags = [*TINY, "--epochs", "3", "--backend", "numpy", "--out", tmp_path]
+    interrupting = type("Interrupting", (InterruptAt,), {"at": 8})     # 6 steps an epoch: inside epoch 2
+    assert train(capsys, *flags, make_learner=interrupting)[0] == 130
+    stopped = json.loads(str(arrays(tmp_path / "last.npz")["progress"]))
+    assert stopped["epoch"] == 1 and stopped["step"] > 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    code, _, err = train(capsys, "--resume", tmp_path / "last.npz", "--epochs", "1")
+    assert code == 2 and "--epochs must be at least 2" in err, err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
 def test_resume_can_extend_a_finished_run(capsys, tmp_path):
     assert train(capsys, *TINY, "--epochs", "1", "--out", tmp_path)[0] == 0
     code, out, _ = train(capsys, "--resume", tmp_path / "last.npz", "--epochs", "2")
@@ -389,6 +401,17 @@ def test_confusion_matrix_rows_are_true_classes_and_per_class_accuracy_is_recall
     assert matrix.tolist() == [[1, 2, 0], [0, 1, 0], [1, 0, 0]]     # [true class, predicted class]
     assert per_class_accuracy(matrix) == {"0": 1 / 3, "1": 1.0, "2": 0.0}
     assert per_class_accuracy(confusion_matrix([1], [1], num_classes=2)) == {"0": None, "1": 1.0}
+
+
+def test_evaluate_reproduces_the_test_of_a_run_with_random_evaluation_crops(capsys, tmp_path):
+    # The seed recipe evaluates on random crops: the run's final test and evaluate must draw the
+    # same ones (the test stream of the run's seed), so the same weights give the same figures.
+    run = tmp_path / "run"
+    assert train(capsys, "--recipe", "seed", *TINY, "--backend", "numpy", "--out", run)[0] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert evaluate_main([str(run / "best.npz"), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "eval-best-mnist-sample-random-crops.json").read_text())
+    assert (report["test_loss"], report["test_accuracy"]) == (summary["test_loss"], summary["test_accuracy"])
 
 
 def test_evaluate_counts_each_class_out_of_its_test_images(capsys, tmp_path, run):
