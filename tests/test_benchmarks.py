@@ -129,6 +129,15 @@ def test_time_to_accuracy_curves_are_consistent(quick_results):
     assert "CPU core" in result["headline"] and result["headline"] in result["markdown"]
 
 
+def test_all_leaves_a_block_whose_benchmark_has_no_results_alone(tmp_path):
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    (tmp_path / "empty").mkdir()
+    subprocess.run([sys.executable, "-m", "benchmarks.all", "--no-run", "--out", str(tmp_path / "empty"),
+                    "--readme", str(readme)], cwd=REPO, check=True, capture_output=True)
+    assert readme.read_text() == (REPO / "README.md").read_text()
+
+
 def test_all_rewrites_readme_between_markers(quick_results, tmp_path):
     readme = tmp_path / "README.md"
     shutil.copy(REPO / "README.md", readme)

@@ -548,6 +548,31 @@ def test_one_cycle_schedule_matches_torch():
 
 
 @needs_torch
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_the_torch_learner_resumed_from_its_state_continues_as_if_never_stopped(optimizer):
+    """reference.train's learner saved after 3 steps and restored continues as the uninterrupted
+    one: torch's own optimiser, whose Adam needs the step count back for its bias correction."""
+    from reference.train import TorchLearner
+
+    config = make_config("speedrun", optimizer=optimizer, dtype="float64", seed=1,
+                         **({"momentum": 0.9} if optimizer == "sgd" else {}))
+    rng = np.random.default_rng(0)
+    steps = [(rng.standard_normal((8, 1, 32, 32)), rng.integers(0, 10, 8), lr)
+             for lr in (1e-3, 2e-3, 3e-3, 2e-3, 1e-3)]
+    whole, first = TorchLearner(config), TorchLearner(config)
+    for x, y, lr in steps:
+        whole.train_step(x, y, lr)
+    for x, y, lr in steps[:3]:
+        first.train_step(x, y, lr)
+    resumed = TorchLearner(config)
+    resumed.load_state(first.model_state(), first.optimizer_state())
+    for x, y, lr in steps[3:]:
+        resumed.train_step(x, y, lr)
+    for name, value in whole.model_state().items():
+        np.testing.assert_array_equal(resumed.model_state()[name], value, err_msg=name)
+
+
+@needs_torch
 @pytest.mark.parametrize("recipe", ["default", "speedrun", "seed"])
 def test_reference_train_follows_the_same_trajectory(capsys, tmp_path, recipe):
     """Same batches, same initial weights, torch-exact optimiser and loss (label smoothing
