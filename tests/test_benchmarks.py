@@ -138,6 +138,17 @@ def test_all_leaves_a_block_whose_benchmark_has_no_results_alone(tmp_path):
     assert readme.read_text() == (REPO / "README.md").read_text()
 
 
+def test_all_links_each_figure_from_where_the_document_lies(tmp_path):
+    document = tmp_path / "docs" / "tour.md"
+    document.parent.mkdir()
+    shutil.copy(REPO / "docs" / "tour.md", document)
+    subprocess.run([sys.executable, "-m", "benchmarks.all", "--no-run", "--readme", str(document)],
+                   cwd=REPO, check=True, capture_output=True)
+    links = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", document.read_text())
+    figures = [link for link in links if "benchmarks/results" in link]
+    assert figures and all((document.parent / link).resolve().is_file() for link in figures), figures
+
+
 def test_all_rewrites_readme_between_markers(quick_results, tmp_path):
     readme = tmp_path / "README.md"
     shutil.copy(REPO / "README.md", readme)
