@@ -770,6 +770,20 @@ def test_augmentation_is_drawn_afresh_each_epoch_at_the_same_step():
     assert len({x.tobytes() for x in shifted}) > 1
 
 
+def test_evaluation_batches_hold_every_image_once_in_order():
+    from numpylenet.pipeline import EVAL_BATCH_SIZE, evaluation_batches
+    from numpylenet.recipes import make_config
+
+    count = 2 * EVAL_BATCH_SIZE + 37
+    images = np.repeat(np.arange(count) % 251, 28 * 28).astype(np.uint8).reshape(count, 28, 28)
+    batches = list(evaluation_batches(images, np.arange(count), make_config("speedrun", normalize=False),
+                                      "mnist", rng=None))
+    assert [len(y) for _, y in batches] == [EVAL_BATCH_SIZE, EVAL_BATCH_SIZE, 37]
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(count))
+    centres = np.concatenate([x[:, 0, 16, 16] for x, _ in batches])        # pixel value / 255
+    np.testing.assert_allclose(centres * 255, np.arange(count) % 251, atol=1e-3)
+
+
 def test_notebook_train_transform(digits):
     """T.Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor()]) for fixed choices."""
     F = torchvision_functional()

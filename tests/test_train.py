@@ -64,6 +64,15 @@ def test_run_writes_every_output(run):
         assert content.startswith(PNG_SIGNATURE) and len(content) > 5_000, name
 
 
+@pytest.mark.parametrize("limit, per_epoch", [(96, 3), (100, 4)])      # 100 = 3 x 32 + a short batch of 4
+def test_config_json_counts_the_run_s_steps(capsys, tmp_path, limit, per_epoch):
+    flags = [*TINY, "--limit-train", limit, "--backend", "numpy", "--out", tmp_path]
+    assert train(capsys, *flags)[0] == 0
+    resolved = json.loads((tmp_path / "config.json").read_text())["resolved"]
+    assert (resolved["train_images"], resolved["steps_per_epoch"], resolved["total_steps"]) == (limit, per_epoch,
+                                                                                             2 * per_epoch)
+
+
 def test_config_json_holds_every_setting(run):
     config = json.loads((run / "config.json").read_text())
     assert set(TrainConfig.__dataclass_fields__) <= config.keys()
