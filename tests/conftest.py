@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
     A failure is left for the tests to report.
     """
     global _PRECOMPILE_REPORT
+    _let_ctrl_c_through()
     if hasattr(config, "workerinput") or config.option.collectonly:
         return
     started = time.perf_counter()
@@ -41,6 +43,19 @@ def pytest_configure(config: pytest.Config) -> None:
     _PRECOMPILE_REPORT = (f"numba kernels compiled (or loaded from the cache) up front in "
                  f"{time.perf_counter() - started:.1f} s" if ok else
                  "numba kernels: the up-front compile failed; the tests that need them will say why")
+
+
+def _let_ctrl_c_through() -> None:
+    """Give Ctrl-C (SIGINT) its usual meaning, KeyboardInterrupt, in this process and so in the
+    processes the tests start, as a terminal's foreground program has it.
+
+    The tests that stop a run with Ctrl-C send SIGINT to themselves or to a child. A shell starts a
+    background job (``pytest ... &`` in a script) with SIGINT ignored, and Python then leaves it
+    ignored, as does every child that inherits it: those signals would be lost, and the tests fail
+    for a reason that is not in the code under test. A handler set here (unlike SIG_IGN) is reset
+    to the default in every child at exec, so a child's Python raises KeyboardInterrupt again."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
