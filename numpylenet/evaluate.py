@@ -12,18 +12,23 @@ The test images are prepared as the model was trained to see them: a checkpoint'
 them, so its reported accuracy is reproduced), or for a notebook ``state_dict`` the notebook's own
 settings. Prints the test loss, the accuracy and the accuracy of every class, and writes the
 confusion matrix (PNG) and the figures (JSON; NaN written as ``null``) next to the checkpoint or
-into ``--out``. The output folder is checked to be writable before anything is computed.
+into ``--out``, as ``eval-<checkpoint name>-<data set>[-random-crops]`` .json and
+-confusion_matrix.png; where that report is another checkpoint's (two runs' ``best.npz`` into one
+``--out``), it is kept and this one numbered -2, -3, ... The output folder is checked to be
+writable before anything is computed.
 Exit status: 0 done, 2 bad command line, checkpoint, data or output folder, 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .cli import (OneLineErrorParser, RunError, add_backend_argument, add_data_arguments,
                   confusion_matrix, load_error_text, path_argument, per_class_accuracy, run_tool)
+from .files import describe_path, open_regular
 from .recipes import DATASET_CHOICES, EVAL_CROPS
 
 __all__ = ["main", "load_weights", "confusion_matrix"]
@@ -110,6 +115,28 @@ def _output_folder(out: Path) -> Path:
     return out
 
 
+def _report_stem(out: Path, name: str, checkpoint: Path) -> str:
+    """The name, without suffix, of the report of ``checkpoint`` in ``out``: ``name``, or if that
+    report is another checkpoint's, ``name-2``, ``name-3``... the first that is free or this
+    checkpoint's own. So two runs' ``best.npz`` evaluated into one folder keep both reports, and
+    evaluating one checkpoint again replaces its own."""
+    stem, number = name, 1
+    while describe_path(out / f"{stem}.json")[0] and not _is_report_of(out / f"{stem}.json", checkpoint):
+        number += 1
+        stem = f"{name}-{number}"
+    return stem
+
+
+def _is_report_of(report: Path, checkpoint: Path) -> bool:
+    """Whether ``report`` is an evaluation report naming ``checkpoint`` (the same file, however the
+    paths are spelled); one that cannot be read is not."""
+    try:
+        with open_regular(report) as file:
+            return Path(json.loads(file.read(1 << 20))["checkpoint"]).resolve() == checkpoint.resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -163,7 +190,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         shown = f"{100 * accuracy:6.2f}%" if accuracy is not None else "     - "
         print(f"  class {label}: {shown}  ({matrix[int(label), int(label)]:,}/{totals[int(label)]:,})")
     # Named by what was evaluated: the checkpoint, the data set and, if not centred, the crops.
-    stem = f"eval-{path.stem}-{dataset}" + ("" if config.eval_crop == "center" else f"-{config.eval_crop}-crops")
+    stem = _report_stem(out, f"eval-{path.stem}-{dataset}" + ("" if config.eval_crop == "center"
+                                                              else f"-{config.eval_crop}-crops"), path)
     plot_confusion_matrix(matrix, out / f"{stem}-confusion_matrix.png",
                           f"{path.name} on {dataset}: {100 * test.accuracy:.2f}% correct")
     report = {"checkpoint": str(path), "dataset": dataset, "dataset_fallback": fallback,

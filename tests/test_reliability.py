@@ -182,6 +182,31 @@ def test_resume_without_best_npz_reports_the_last_weights(capsys, tmp_path, regr
     assert report["test_accuracy"] == summary["test_accuracy"]
 
 
+def test_two_runs_best_npz_evaluated_into_one_folder_keep_both_reports(capsys, tmp_path, finished, regressed,
+                                                                          monkeypatch):
+    """Both checkpoints are named best.npz: the second report goes beside the first (-2), each
+    naming its checkpoint and giving its own figures, and evaluating one of them again, spelled as
+    another path, replaces its own report instead of adding a third."""
+    out = tmp_path / "eval"
+    alone = {}
+    for run in (finished[0], regressed):          # each alone, into its own folder, as a truth
+        assert run_evaluate(capsys, run / "best.npz", "--out", tmp_path / run.parent.name)[0] == 0
+        alone[run] = json.loads((tmp_path / run.parent.name / "eval-best-mnist-sample.json").read_text())
+    assert alone[finished[0]]["test_loss"] != alone[regressed]["test_loss"]      # the two do differ
+    for run in (finished[0], regressed):
+        assert run_evaluate(capsys, run / "best.npz", "--out", out)[0] == 0
+    first, second = (json.loads((out / f"{stem}.json").read_text())
+                     for stem in ("eval-best-mnist-sample", "eval-best-mnist-sample-2"))
+    assert (first["checkpoint"], second["checkpoint"]) == (str(finished[0] / "best.npz"), str(regressed / "best.npz"))
+    assert first == alone[finished[0]] and second == alone[regressed]
+    assert (out / "eval-best-mnist-sample-2-confusion_matrix.png").exists()
+    monkeypatch.chdir(regressed)
+    code, out_text, _ = run_evaluate(capsys, "best.npz", "--out", out)
+    assert code == 0 and str(out / "eval-best-mnist-sample-2.json") in out_text
+    assert sorted(path.name for path in out.glob("*.json")) == ["eval-best-mnist-sample-2.json",
+                                                                "eval-best-mnist-sample.json"]
+
+
 def test_best_npz_of_another_run_is_not_claimed(capsys, tmp_path, finished, regressed):
     folder = tmp_path / "c"
     folder.mkdir()
