@@ -39,6 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from numpylenet.cli import OneLineErrorParser, finite_positive_float, positive_int
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -63,37 +65,37 @@ def make_parser(name: str, description: str, *, repeats: int = 5) -> argparse.Ar
     --out DIR          where the JSON (and PNG) go (default benchmarks/results)
     --clock-ghz, --flop-per-cycle   override the detected machine figures behind "peak"
     """
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
-    parser.add_argument("--threads", type=_positive_int, default=2,
+    parser = OneLineErrorParser(prog=f"python -m benchmarks.{name}", description=description)
+    parser.add_argument("--threads", type=positive_int, default=2,
                         help="threads for torch, Numba and BLAS together (default 2); on a loaded "
                              "machine 1 can be much faster, so it is recorded with every result")
-    parser.add_argument("--repeats", type=_positive_int, default=repeats,
+    parser.add_argument("--repeats", type=positive_int, default=repeats,
                         help=f"timed repeats per contender, after a warm-up; the median is reported "
                              f"(default {repeats})")
     parser.add_argument("--quick", action="store_true",
                         help="tiny configuration that runs in seconds (the CI smoke test)")
-    parser.add_argument("--out", type=Path, default=RESULTS,
+    parser.add_argument("--out", type=_output_folder, default=RESULTS,
                         help=f"folder for the JSON and PNG results (default {RESULTS.relative_to(REPO)})")
-    parser.add_argument("--clock-ghz", type=_positive_float, default=None,
+    parser.add_argument("--clock-ghz", type=finite_positive_float, default=None,
                         help="CPU clock for the peak-FLOP/s figure (default: detected)")
-    parser.add_argument("--flop-per-cycle", type=_positive_int, default=None,
+    parser.add_argument("--flop-per-cycle", type=positive_int, default=None,
                         help="FP32 FLOP per cycle per core (default: 32 with AVX2+FMA or AVX-512, "
                              "16 with AVX, 8 with SSE; give 64 for two full 512-bit FMA units)")
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _output_folder(text: str) -> Path:
+    """--out, created now and shown to be writable: a benchmark that runs for minutes must not
+    fail at writing its results."""
+    from numpylenet.files import check_writable, make_folders
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or math.isinf(value):       # written so that NaN fails
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    folder = Path(text)
+    try:
+        make_folders(folder)
+        check_writable(folder)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write into {folder}: {error.strerror or error}") from None
+    return folder
 
 
 def data_dir(given: str | None = None) -> Path:
@@ -439,7 +441,7 @@ def throughput_main(argv: list[str] | None, name: str, description: str,
     fill while they build the contenders (such as the peers skipped, and why) ends up complete.
     """
     parser = make_parser(name, description)
-    parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=batch_sizes,
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=batch_sizes,
                         help=f"batch sizes to time (default {' '.join(map(str, batch_sizes))})")
     parser.add_argument("--peers", nargs="*", choices=PEERS, default=None,
                         help=f"the other frameworks to time beside torch eager (default: "

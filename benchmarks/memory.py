@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
+from numpylenet.cli import positive_int
 
 NAME = "memory"
 RECIPES = ("default", "seed")
@@ -284,9 +285,9 @@ def markdown(runs: list[dict], steps: list[dict], python_lines: int = 5) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = common.make_parser(NAME, __doc__.splitlines()[0], repeats=1)
-    parser.add_argument("--steps", type=common._positive_int, default=100,
+    parser.add_argument("--steps", type=positive_int, default=100,
                         help="training steps traced for the net growth (default 100)")
-    parser.add_argument("--warmup", type=common._positive_int, default=5,
+    parser.add_argument("--warmup", type=positive_int, default=5,
                         help="untraced steps first: workspaces, compilation, optimiser state (default 5)")
     parser.add_argument("--full", action="store_true",
                         help="also a default-recipe epoch on full MNIST (data from --data-dir)")

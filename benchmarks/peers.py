@@ -13,6 +13,9 @@ from the same float32 weights (numpylenet's ``LeNet5(seed=0)``) on the same batc
   ``optax.adam(1e-3)`` update; for inference ``jax.jit`` of the forward. Its threads come from
   ``XLA_FLAGS``, which :func:`benchmarks.common.set_threads` sets before jax is imported.
 
+:mod:`benchmarks.time_to_accuracy` trains whole recipes with :class:`JaxLearner`, JAX's
+counterpart of ``reference.train.TorchLearner``.
+
 The peers are optional: :func:`add_peers` builds each one asked for, and a peer that cannot be
 built or fails its first (compiling) call is left out with one printed line saying why, so the
 benchmark goes on without it. Before JAX is timed, :func:`check_jax_forward` checks that its
@@ -20,13 +23,14 @@ forward pass equals numpylenet's on the same weights, so a wrong JAX model canno
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 
 __all__ = ["initial_state", "torch_model", "torch_compiled_step",
            "torch_compiled_forward", "jax_unavailable_reason", "jax_params", "jax_logits",
-           "jax_step", "jax_forward", "check_jax_forward", "peer_builders", "add_peers"]
+           "JaxLearner", "jax_step", "jax_forward", "check_jax_forward", "peer_builders", "add_peers"]
 
 # JAX's float32 forward against numpylenet's: different summation orders, nothing more.
 JAX_FORWARD_RTOL, JAX_FORWARD_ATOL = 1e-4, 1e-5
@@ -122,29 +126,111 @@ def jax_params(state: Mapping[str, np.ndarray]) -> dict:
     return {name: jnp.asarray(value, dtype=jnp.float32) for name, value in state.items()}
 
 
-def jax_logits(params: Mapping, x):
+def jax_logits(params: Mapping, x, activation: str = "relu", pool: str = "avg"):
     """LeNet-5's forward pass in JAX: x (N, 1, 32, 32) -> logits (N, 10).
 
-    conv (``lax.conv_general_dilated``, NCHW input, OIHW weights, no padding) + bias, ReLU, 2x2
-    average pooling as a reshape and a mean, as in the notebook: 32 -> 28 -> 14 -> 10 -> 5 -> 1,
-    then fc1 (120 -> 84) + ReLU and fc2 (84 -> 10).
+    conv (``lax.conv_general_dilated``, NCHW input, OIHW weights, no padding) + bias, the
+    activation (relu, tanh or sigmoid), 2x2 pooling (avg or max) as a reshape and a mean or max,
+    as in the notebook: 32 -> 28 -> 14 -> 10 -> 5 -> 1, then fc1 (120 -> 84) + the activation
+    and fc2 (84 -> 10).
     """
     import jax
 
-    def conv_relu(h, name):
+    act = {"relu": jax.nn.relu, "tanh": jax.numpy.tanh, "sigmoid": jax.nn.sigmoid}[activation]
+
+    def conv_act(h, name):
         h = jax.lax.conv_general_dilated(h, params[f"{name}.weight"], window_strides=(1, 1),
                                          padding="VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
-        return jax.nn.relu(h + params[f"{name}.bias"][None, :, None, None])
+        return act(h + params[f"{name}.bias"][None, :, None, None])
 
-    def pool(h):                               # (N, C, H, W) -> (N, C, H/2, W/2)
+    def pooled(h):                             # (N, C, H, W) -> (N, C, H/2, W/2)
         n, c, height, width = h.shape
-        return h.reshape(n, c, height // 2, 2, width // 2, 2).mean(axis=(3, 5))
+        windows = h.reshape(n, c, height // 2, 2, width // 2, 2)
+        return windows.mean(axis=(3, 5)) if pool == "avg" else windows.max(axis=(3, 5))
 
-    h = pool(conv_relu(x, "conv1"))            # (N, 6, 14, 14)
-    h = pool(conv_relu(h, "conv2"))            # (N, 16, 5, 5)
-    h = conv_relu(h, "conv3").reshape(h.shape[0], 120)
-    h = jax.nn.relu(h @ params["fc1.weight"].T + params["fc1.bias"])
+    h = pooled(conv_act(x, "conv1"))           # (N, 6, 14, 14)
+    h = pooled(conv_act(h, "conv2"))           # (N, 16, 5, 5)
+    h = conv_act(h, "conv3").reshape(h.shape[0], 120)
+    h = act(h @ params["fc1.weight"].T + params["fc1.bias"])
     return h @ params["fc2.weight"].T + params["fc2.bias"]
+
+
+class JaxLearner:
+    """A recipe's run in JAX, written as a JAX user would: :func:`jax_logits` from numpylenet's
+    initial weights for the seed, ``jax.jit`` of the label-smoothed cross-entropy's gradient and
+    an optax update, the learning rate set at every step (``optax.inject_hyperparams``). The
+    update is torch.optim's: Adam (``optax.adam``, torch's defaults) or SGD with momentum and
+    Nesterov (``optax.sgd``: the same momentum buffer, starting at the first gradient), weight
+    decay as torch's L2 term added to the gradient first (``optax.add_decayed_weights``).
+
+    What :mod:`benchmarks.time_to_accuracy` needs of a learner, as
+    :class:`reference.train.TorchLearner` offers it: ``train_step(x, y, lr)`` -> the batch's loss
+    (waited for), ``logits(x)``, ``backend``, ``framework``. float32 only (JAX's default). The
+    compiled functions are shared by every learner of the same settings, so that one learner can
+    compile them for another (one graph per batch shape, on its first call).
+
+    With SGD it follows torch's trajectory to float32 round-off (losses within 2e-7 relative over
+    ten steps of the default recipe); with Adam within 1e-4, float32 noise in near-zero gradients
+    being scaled up by Adam's normalisation. Max pooling differs: JAX shares a window's gradient
+    among tied maxima, torch gives it to the first (the recipes pool by averaging).
+    """
+
+    framework = "jax"
+
+    def __init__(self, config):
+        import jax
+
+        from numpylenet import LeNet5
+
+        if config.dtype != "float32":
+            raise ValueError(f"the JAX learner runs float32 only, not {config.dtype}")
+        self.backend = f"jax {jax.__version__} jit"
+        self.params = jax_params(LeNet5(activation=config.activation, pool=config.pool, seed=config.seed,
+                                        backend="numpy").state_dict())
+        self._step, self._forward, optimizer = _jax_functions(
+            config.activation, config.pool, config.label_smoothing, config.optimizer, config.momentum,
+            config.nesterov, config.weight_decay)
+        self.optimizer_state = optimizer.init(self.params)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        """One step on x (N, 1, 32, 32), labels y (N,) at learning rate ``lr``; the loss."""
+        self.params, self.optimizer_state, loss = self._step(self.params, self.optimizer_state, x,
+                                                             y.astype(np.int32), np.float32(lr))
+        return float(loss)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The logits (N, 10) of x (N, 1, 32, 32)."""
+        return np.asarray(self._forward(self.params, x))
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_functions(activation: str, pool: str, label_smoothing: float, optimizer: str, momentum: float,
+                   nesterov: bool, weight_decay: float):
+    """(jitted training step, jitted forward, optax transformation) for these settings."""
+    import jax
+    import optax
+
+    def make_update(learning_rate):
+        update = (optax.adam(learning_rate) if optimizer == "adam" else
+                  optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+        return optax.chain(optax.add_decayed_weights(weight_decay), update)
+
+    transformation = optax.inject_hyperparams(make_update)(learning_rate=0.0)
+
+    def loss_function(params, images, labels):
+        logits = jax_logits(params, images, activation, pool)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[1]), label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+
+    @jax.jit
+    def step(params, state, images, labels, learning_rate):
+        loss, grads = jax.value_and_grad(loss_function)(params, images, labels)
+        state.hyperparams["learning_rate"] = learning_rate
+        updates, state = transformation.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    forward = jax.jit(functools.partial(jax_logits, activation=activation, pool=pool))
+    return step, forward, transformation
 
 
 def jax_step(state: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray) -> Callable[[], object]:

@@ -1,12 +1,14 @@
-"""Time to accuracy: test accuracy against training seconds, numpylenet against torch eager and torch.compile.
+"""Time to accuracy: test accuracy against training seconds, numpylenet against torch eager, torch.compile and JAX.
 
     python -m benchmarks.time_to_accuracy [--recipes speedrun default] [--seeds 0 1 2]
-        [--contenders numpylenet torch torch.compile] [--evaluations 25] [--data-dir DIR]
+        [--contenders numpylenet torch torch.compile jax] [--evaluations 25] [--data-dir DIR]
         [--threads 2] [--quick] [--out DIR]
 
 Every contender trains the same recipe on the same batches from the same initial weights
 (:mod:`numpylenet.pipeline`; the torch learners are ``reference.train``'s, the way
-``benchmarks/parity.py`` runs them) and takes the same steps as ``python -m numpylenet.train``:
+``benchmarks/parity.py`` runs them; JAX's is :class:`benchmarks.peers.JaxLearner`, when jax and
+optax are installed, else it is left out with a line saying so) and takes the same steps as
+``python -m numpylenet.train``:
 the recipe's learning rate, one ``train_step`` per batch, and after every epoch the validation
 pass the trainer makes (it belongs to a run's ``train_seconds``, so it is on the clock here too).
 
@@ -15,8 +17,8 @@ while the test accuracy is measured: at ``--evaluations`` evenly spaced steps an
 one, the clock stops, the test set (prepared once, before the start) goes through the model, and
 the clock resumes. Evaluation time is therefore excluded. Compilation happens before the clock
 starts, for every contender alike: numpylenet's Numba kernels load from their disk cache (or
-compile), and torch.compile first compiles its graphs for every batch shape of the run on a
-throwaway learner (that learner's seconds are reported as ``compile_seconds``).
+compile), and torch.compile and ``jax.jit`` first compile their graphs for every batch shape of
+the run on a throwaway learner (that learner's seconds are reported as ``compile_seconds``).
 
 **Time to X%** is the clock at the first evaluation whose test accuracy reaches X%; with
 evaluations every T seconds it overstates the true time by at most T. A recipe that never gets
@@ -26,7 +28,7 @@ fastest recipe.
 Writes ``time_to_accuracy.json`` (every curve, every time, the table, the machine) and
 ``time_to_accuracy.png`` (accuracy against seconds, one panel per recipe). ``--quick`` (the CI smoke
 test) trains numpylenet and torch eager on 320 images of the bundled mnist-sample for one epoch,
-one seed, three evaluations: its figures mean nothing.
+one seed, three evaluations (and JAX, if installed): its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ import numpy as np
 from benchmarks import common
 
 NAME = "time_to_accuracy"
-CONTENDERS = ("numpylenet", "torch", "torch.compile")
+CONTENDERS = ("numpylenet", "torch", "torch.compile", "jax")
+# The contenders that compile one graph per batch shape on its first call: compiled before the clock.
+COMPILING = ("torch.compile", "jax")
 THRESHOLDS = (0.985, 0.990, 0.993)
 HEADLINE_THRESHOLD = 0.990
 
@@ -63,20 +67,23 @@ def make_learner(contender: str, config) -> tuple[object, float]:
         from numpylenet.loop import NumpyLearner
         learner = NumpyLearner(config)
         return learner, learner.compile_seconds
+    if contender == "jax":
+        from benchmarks.peers import JaxLearner
+        return JaxLearner(config), 0.0
     from reference.train import TorchLearner
     if contender == "torch":
         return TorchLearner(config), 0.0
     return TorchLearner(config, compile=True), 0.0
 
 
-def compile_graphs(config, splits) -> float:
-    """Compile torch.compile's graphs for every shape the run will meet, on a throwaway learner:
-    a full batch, the epoch's last (shorter) batch, and the evaluation batches. Returns the seconds."""
+def compile_graphs(contender: str, config, splits) -> float:
+    """Compile a compiling contender's graphs (torch.compile's, jax.jit's) for every shape the run
+    will meet, on a throwaway learner: a full batch, the epoch's last (shorter) batch, and the
+    evaluation batches. Returns the seconds."""
     from numpylenet.pipeline import EVAL_BATCH_SIZE
-    from reference.train import TorchLearner
 
     started = time.perf_counter()
-    learner = TorchLearner(config, compile=True)
+    learner = make_learner(contender, config)[0]
     train_count, batch_size = len(splits.train_images), config.batch_size
     sizes = {min(batch_size, train_count), train_count % batch_size or batch_size}
     for size in sizes:
@@ -94,7 +101,7 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
     from numpylenet.pipeline import Stream, evaluation_batches, generator, num_batches, training_batches
     from numpylenet.schedule import learning_rate
 
-    compile_seconds = compile_graphs(config, splits) if contender == "torch.compile" else 0.0
+    compile_seconds = compile_graphs(contender, config, splits) if contender in COMPILING else 0.0
     learner, kernel_seconds = make_learner(contender, config)
     threads = common.thread_report(config.threads)      # as this learner left them
     test_batches = list(evaluation_batches(splits.test_images, splits.test_labels, config,
@@ -186,7 +193,7 @@ def plot(runs: list[dict]):
 
     recipes = list(dict.fromkeys(run["recipe"] for run in runs))
     figure = Figure(figsize=(6 * len(recipes), 4.5), layout="constrained")
-    colours = dict(zip(CONTENDERS, ("C0", "C3", "C1")))
+    colours = dict(zip(CONTENDERS, ("C0", "C3", "C1", "C2")))
     for axes, recipe in zip(np.atleast_1d(figure.subplots(1, len(recipes))), recipes):
         labelled = set()
         for run in (run for run in runs if run["recipe"] == recipe):
@@ -223,7 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.contenders = [name for name in args.contenders if name != "torch.compile"]
         if not args.contenders:
             parser.error("--quick runs no torch.compile (it compiles for a minute): no contender left")
-    common.set_threads(args.threads)
+    common.set_threads(args.threads)         # before jax is imported: XLA reads its threads then
+    if "jax" in args.contenders:
+        from benchmarks.peers import jax_unavailable_reason
+        if reason := jax_unavailable_reason():
+            print(f"skipping jax: {reason}", flush=True)
+            args.contenders.remove("jax")
+            if not args.contenders:
+                parser.error(f"jax cannot run here ({reason}): no contender left")
 
     from numpylenet.pipeline import load_splits
     from numpylenet.recipes import make_config

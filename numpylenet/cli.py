@@ -99,6 +99,7 @@ def _number(kind: type, condition: Callable[[float], bool], requirement: str):
 positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
+finite_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 open_fraction = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 

@@ -327,6 +327,32 @@ def test_jax_forward_and_step_equal_torch():
     assert np.asarray(peers.jax_forward(state, x)()) == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.parametrize("recipe, overrides, rel", [
+    ("default", {}, 1e-5),                                                       # SGD, Nesterov, weight decay
+    ("default", {"activation": "tanh", "nesterov": False, "weight_decay": 1e-3}, 1e-5),
+    ("speedrun", {"lr": 1e-3}, 1e-4),                                            # Adam
+])
+def test_the_jax_learner_trains_a_recipe_as_torch_does(recipe, overrides, rel):
+    """time_to_accuracy's JAX contender against reference.train's torch learner: same initial
+    weights, batches and changing learning rates; losses step by step, logits at the end."""
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    pytest.importorskip("torch")
+    from numpylenet.pipeline import load_splits, training_batches
+    from numpylenet.recipes import make_config
+    from reference.train import TorchLearner
+
+    config = make_config(recipe, dataset="mnist-sample", download=False, limit_train=320, batch_size=32,
+                         **overrides)
+    splits = load_splits(config)
+    torch_learner, jax_learner = TorchLearner(config), peers.JaxLearner(config)
+    for step, x, y in training_batches(splits.train_images, splits.train_labels, config, splits.dataset, 0):
+        lr = config.lr * (step + 1) / 10                 # a rate that changes every step, as a schedule's
+        assert jax_learner.train_step(x, y, lr) == pytest.approx(torch_learner.train_step(x, y, lr), rel=rel)
+    expected = torch_learner.logits(x)
+    np.testing.assert_allclose(jax_learner.logits(x), expected, rtol=0, atol=10 * rel * np.abs(expected).max())
+
+
 def test_a_wrong_jax_model_fails_the_startup_check(monkeypatch):
     jax = pytest.importorskip("jax")
     right = peers.jax_logits
@@ -437,14 +463,30 @@ def test_parity_reuses_a_saved_run_only_while_its_recipe_is_unchanged(tmp_path):
     ("step", ["--clock-ghz", "-1"], "--clock-ghz"), ("step", ["--clock-ghz", "nan"], "--clock-ghz"),
     ("step", ["--flop-per-cycle", "0"], "--flop-per-cycle"), ("parity", ["--backend", "foo"], "--backend"),
     ("time_to_accuracy", ["--contenders", "torch.compile"], "no contender left"),
+    ("step", ["--threads", "two"], "--threads: expected an integer >= 1, got 'two'"),
+    ("layers", ["--clock-ghz", "fast"], "--clock-ghz: expected a finite number > 0, got 'fast'"),
+    ("layers", ["--clock-ghz", "inf"], "--clock-ghz: must be a finite number > 0, got inf"),
 ])
 def test_benchmark_flags_that_cannot_run_are_one_line_errors(tmp_path, module, flags, named):
     """A negative clock would print a negative peak, 0 FLOP/cycle was replaced silently by the detected
-    value, a bad backend failed in a child whose error was dropped, and --quick emptied --contenders."""
+    value, a bad backend failed in a child whose error was dropped, and --quick emptied --contenders;
+    a word for a number was "invalid _positive_int value"; each error came after the whole usage."""
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", *flags, "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("module", ["step", "time_to_accuracy"])
+def test_a_benchmark_refuses_an_output_folder_it_cannot_write_before_it_runs(tmp_path, module):
+    """--out naming a file: refused at once, not after minutes of timing (a FileExistsError then)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(blocker)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"--out: cannot write into {blocker}" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and blocker.read_text() == "x"
 
 
 @pytest.mark.parametrize("form", ["--readme={}", "--readm {}"])
