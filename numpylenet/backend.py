@@ -88,7 +88,7 @@ def thread_limit(backend: str) -> tuple[int, str]:
         launched = numba.config.NUMBA_NUM_THREADS
         if launched < cores:
             return launched, f"NUMBA_NUM_THREADS={launched}, the threads Numba launched with"
-    return cores, f"the {cores} cores available"
+    return cores, f"the {cores} core{'s' if cores != 1 else ''} available"
 
 
 def set_threads(count: int) -> int:

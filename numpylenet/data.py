@@ -50,6 +50,7 @@ __all__ = [
     "SOURCES",
     "DATASETS",
     "SAMPLE_ROOT",
+    "default_data_dir",
     "DownloadError",
     "download_file",
     "download_mnist",
@@ -267,6 +268,13 @@ SOURCES = {
 }
 DATASETS = tuple(SOURCES)
 SAMPLE_ROOT = Path(__file__).resolve().parent / "datasets"
+DATA_ENVIRONMENT_VARIABLE = "NUMPYLENET_DATA"
+
+
+def default_data_dir() -> str:
+    """The data root when none is given: ``$NUMPYLENET_DATA``, else ``data`` (an empty variable
+    counts as unset, as an empty ``--data-dir`` is refused, rather than meaning the current folder)."""
+    return os.environ.get(DATA_ENVIRONMENT_VARIABLE) or "data"
 
 
 def _raw_folder(root: str | os.PathLike, dataset: str) -> Path:
@@ -333,9 +341,9 @@ def load_mnist(root: str | os.PathLike = "data", *, train: bool = True, dataset:
         (N, 28, 28); labels that are not uint8 (N,) in 0-9; image and label counts that differ.
     """
     folder = _raw_folder(root, dataset)
-    if download:
-        download_mnist(root, dataset)
     split = "train" if train else "t10k"
+    if download:
+        download_mnist(root, dataset, split=split)
     paths = {}
     for kind in ("images", "labels"):
         name = f"{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
@@ -371,8 +379,9 @@ class DownloadError(RuntimeError):
 
 
 def download_mnist(root: str | os.PathLike = "data", dataset: str = "mnist", *,
-                   progress: bool = True) -> Path:
-    """Fetch whichever of the data set's four files are missing, as torchvision does.
+                   progress: bool = True, split: str | None = None) -> Path:
+    """Fetch whichever of the data set's four files are missing, as torchvision does (with
+    ``split`` "train" or "t10k", only that split's two: evaluating needs no training set).
 
     Each ``.gz`` is downloaded from the mirrors of ``SOURCES[dataset]`` in turn (see
     :func:`download_file`), then unpacked next to itself, so the folder serves
@@ -393,6 +402,8 @@ def download_mnist(root: str | os.PathLike = "data", dataset: str = "mnist", *,
         A file could not be fetched, or the folder could not be created (read-only, a file in the
         way...).
     """
+    if split not in (None, "train", "t10k"):
+        raise ValueError(f"split must be 'train', 't10k' or None, got {split!r}")
     folder = _raw_folder(root, dataset)
     source = SOURCES[dataset]
     if not source.mirrors:
@@ -404,7 +415,7 @@ def download_mnist(root: str | os.PathLike = "data", dataset: str = "mnist", *,
                             f"{error.strerror}") from None
     try:
         for name in MNIST_FILES:
-            if _find(folder, name) is not None:
+            if _find(folder, name) is not None or (split is not None and not name.startswith(f"{split}-")):
                 continue
             packed = download_file([f"{mirror}{name}.gz" for mirror in source.mirrors],
                                    folder / f"{name}.gz", source.md5[name], progress=progress)

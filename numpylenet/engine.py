@@ -86,8 +86,13 @@ def set_kernel_threads(count: int) -> None:
 def kernel_threads() -> int:
     """The Numba threads a fused kernel runs on: :func:`set_kernel_threads`' count, whichever
     Python thread set it; else Numba's count for the calling thread (by default every thread
-    Numba launched)."""
-    return numba.get_num_threads() if _KERNEL_THREADS is None else _KERNEL_THREADS
+    Numba launched), at most the cores available (Numba's default count, which it takes from this
+    process's CPU affinity). Uncapped, a ``NUMBA_NUM_THREADS=1000`` on two cores trained 17x
+    slower (1,500 img/s against 26,000): the threads only wait for one another, as
+    :func:`numpylenet.backend.set_threads` says of ``--threads``."""
+    if _KERNEL_THREADS is not None:
+        return _KERNEL_THREADS
+    return min(numba.get_num_threads(), numba.config.NUMBA_DEFAULT_NUM_THREADS)
 
 
 @contextmanager

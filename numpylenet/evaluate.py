@@ -52,10 +52,15 @@ def load_weights(path: Path) -> tuple[dict, dict, str]:
         Unreadable file, weights that are not finite float32/float64, or a torch file without torch
         installed; one line.
     """
-    import dataclasses
-    import os
+    return _load(path)[:3]
 
+
+def _load(path: Path) -> tuple[dict, dict, str, dict | None]:
+    """:func:`load_weights`'s three, and the checkpoint's progress (epoch, step, ...; None for a
+    torch file)."""
+    import dataclasses
     from .checkpoint import CheckpointError, load_checkpoint
+    from .data import default_data_dir
     from .recipes import make_config
 
     if path.suffix.lower() in TORCH_SUFFIXES:
@@ -68,13 +73,14 @@ def load_weights(path: Path) -> tuple[dict, dict, str]:
             weights = load_notebook_state_dict(path)
         except ValueError as error:
             raise RunError(error) from None
-        notebook = make_config("seed", data_dir=os.environ.get("NUMPYLENET_DATA", "data"))
-        return weights, dataclasses.asdict(notebook), "auto"
+        notebook = make_config("seed", data_dir=default_data_dir())
+        return weights, dataclasses.asdict(notebook), "auto", None
     try:
         checkpoint = load_checkpoint(path, training_state=False)
     except CheckpointError as error:
         raise RunError(error) from None
-    return checkpoint.model, checkpoint.config, checkpoint.progress.get("dataset") or "auto"
+    progress = checkpoint.progress
+    return checkpoint.model, checkpoint.config, progress.get("dataset") or "auto", progress
 
 
 def build_parser() -> OneLineErrorParser:
@@ -149,7 +155,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .recipes import make_config
 
     path = Path(args.checkpoint)
-    weights, settings, trained_on = load_weights(path)
+    weights, settings, trained_on, progress = _load(path)
     data_dir = args.data_dir or settings.get("data_dir", "data")
     try:
         config = make_config(settings.get("recipe", "default"), base=settings, backend=args.backend,
@@ -182,7 +188,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     totals = matrix.sum(axis=1)
     per_class = per_class_accuracy(matrix)
 
-    print(f"{path} on the {dataset} test set ({len(labels):,} images, {config.eval_crop} crops"
+    when = ("" if progress is None else f" (after epoch {progress['epoch']})" if progress["step"] == 0
+            else f" (epoch {progress['epoch'] + 1}, after step {progress['step']})")
+    print(f"{path}{when} on the {dataset} test set ({len(labels):,} images, {config.eval_crop} crops"
           f"{', normalised' if config.normalize else ''}):")
     print(f"test loss {test.loss:.4f}  accuracy {100 * test.accuracy:.2f}% "
           f"({int(np.trace(matrix)):,}/{len(labels):,})")
@@ -194,7 +202,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                               else f"-{config.eval_crop}-crops"), path)
     plot_confusion_matrix(matrix, out / f"{stem}-confusion_matrix.png",
                           f"{path.name} on {dataset}: {100 * test.accuracy:.2f}% correct")
-    report = {"checkpoint": str(path), "dataset": dataset, "dataset_fallback": fallback,
+    # The checkpoint's point in its run: a later evaluation of a file of the same name (a run
+    # trained on, or extended) shows that the weights differ.
+    trained = {"epoch": progress["epoch"], "step": progress["step"]} if progress else None
+    report = {"checkpoint": str(path), "trained": trained, "dataset": dataset, "dataset_fallback": fallback,
               "test_images": len(labels), "test_loss": test.loss, "test_accuracy": test.accuracy,
               "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist(),
               "eval_crop": config.eval_crop, "normalize": config.normalize}

@@ -48,6 +48,7 @@ class Learner(Protocol):
 
     framework: str
     backend: str
+    threads: int | None       # the threads it computes with (None: unknown)
     compile_seconds: float    # spent preparing kernels before training (0 if nothing to compile)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
@@ -91,6 +92,11 @@ class NumpyLearner:
             NumbaLeNet5.compile(self.model.dtype, config.optimizer,
                                 affine_augmentation=config.augment and config.augmentation == "affine")
             self.compile_seconds = time.perf_counter() - started
+            from .engine import kernel_threads
+            self.threads = kernel_threads()
+        else:
+            from .blas import blas_threads
+            self.threads = blas_threads()
         self.label_smoothing = config.label_smoothing
         if config.optimizer == "adam":
             self.optimizer = Adam(self.model.parameters(), lr=config.lr,

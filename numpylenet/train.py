@@ -7,7 +7,8 @@ speedrun`` reaches 99% in two epochs. Every other flag overrides one setting of 
 A run writes into its folder (``--out``, default ``runs/<timestamp>``), which it claims for itself
 before loading anything (:mod:`numpylenet.run_folder`: one run per folder, never two mixed)::
 
-    config.json          every setting, then (``resolved``) the data set actually used, backend, versions
+    config.json          every setting, then (``resolved``) the data set actually used, backend,
+                         threads, versions, the command
     metrics.jsonl        one JSON line per epoch: losses, validation accuracy, seconds, images/s
     summary.json         test loss and accuracy, which weights they are of, per-class accuracy,
                          train_seconds (first step to last, validation and checkpoints included)
@@ -20,7 +21,8 @@ Ctrl-C or SIGTERM stops between two steps and saves ``last.npz`` (during the Num
 waits for the compile to end, a second one aborting at once; during the final test it stops, and
 ``--resume`` tests again; ``summary.json`` is written last); ``--resume RUN/last.npz`` continues
 exactly where the run stopped (``last.npz`` is what ``--resume`` wants; ``best.npz`` is for
-``numpylenet.evaluate``). On resume only ``--epochs``, ``--lr``, ``--momentum``,
+``numpylenet.evaluate``; a finished run resumed to train further first removes its summary.json
+and figures, which are of weights it replaces). On resume only ``--epochs``, ``--lr``, ``--momentum``,
 ``--weight-decay``, ``--backend``, ``--threads``, ``--data-dir`` and ``--download`` may change
 (:data:`numpylenet.recipes.RESUMABLE`); every setting that decides the network, the data order or
 the split must stay as saved. A finished run resumed with the same ``--epochs`` is tested again
@@ -184,11 +186,12 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None,
         A flag contradicts the recipe, or changes on resume a setting that is not RESUMABLE (the
         network, the data order, the split); the message names every such flag.
     """
+    from .data import default_data_dir
     from .recipes import make_config
 
     given = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
     if saved is None:
-        given.setdefault("data_dir", os.environ.get("NUMPYLENET_DATA", "data"))
+        given.setdefault("data_dir", default_data_dir())
         config = make_config(args.recipe or "default", **given)
     else:
         if args.recipe is not None and args.recipe != saved.get("recipe"):
@@ -223,6 +226,8 @@ def main(argv: Sequence[str] | None = None, *, make_learner: Callable | None = N
     """
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)
+    # As typed, to run again: config.json records it (sys.argv would name train.py's path).
+    args.command = [*prog.split(), *(sys.argv[1:] if argv is None else map(str, argv))]
     return run_tool(parser, prog, lambda: _run(args, make_learner, prog))
 
 
@@ -283,7 +288,10 @@ def _resolve(args: argparse.Namespace, checkpoint: Checkpoint | None) -> TrainCo
         config = resolve_config(args, checkpoint.config if checkpoint else None,
                                 checkpoint.progress["dataset"] if checkpoint else None)
     except ValueError as error:
-        raise RunError(f"checkpoint {args.resume}: {error}" if checkpoint else error) from None
+        # A setting's own check names its field (weight_decay must be ...): say its flag instead.
+        field, _, rest = str(error).partition(" ")
+        text = f"{_flag(field, '').strip()} {rest}" if field in SETTING_FLAGS else str(error)
+        raise RunError(f"checkpoint {args.resume}: {text}" if checkpoint else text) from None
     if checkpoint is None:
         return config
     done, inside = checkpoint.progress["epoch"], checkpoint.progress["step"] > 0
@@ -370,7 +378,7 @@ def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoi
             raise RunError(f"checkpoint {args.resume} does not match this run: {error}") from None
         history = list(checkpoint.history)
         selection_from = _restore_best(Path(args.resume), checkpoint, progress, folder, prog)
-    _write_description(config, splits, learner, folder, history)
+    _write_description(config, splits, learner, folder, history, args.command)
     return Session(config, splits, learner, folder, progress, history, resumed=checkpoint is not None,
                    selection_from=selection_from)
 
@@ -425,7 +433,7 @@ def _restore_best(resumed: Path, checkpoint: Checkpoint, progress: Progress, fol
 
 
 def _write_description(config: TrainConfig, splits: DataSplits, learner: Learner, folder: Path,
-                       history: list[dict]) -> None:
+                       history: list[dict], command: list[str]) -> None:
     """config.json (every setting, then what they resolved to on this machine) and metrics.jsonl."""
     import dataclasses
     import platform
@@ -443,10 +451,11 @@ def _write_description(config: TrainConfig, splits: DataSplits, learner: Learner
                                 "valid_images": len(splits.valid_images),
                                 "test_images": len(splits.test_images), "steps_per_epoch": steps,
                                 "total_steps": steps * config.epochs, "framework": learner.framework,
-                                "backend": learner.backend,
+                                "backend": learner.backend, "threads": learner.threads,
                                 "compile_seconds": learner.compile_seconds, "run_folder": str(folder),
-                                "command": sys.argv, "python": platform.python_version(),
+                                "command": command, "python": platform.python_version(),
                                 "numpy": np.__version__, "numpylenet": __version__,
+                                "numba": sys.modules["numba"].__version__ if learner.backend == "numba" else None,
                                 "machine": platform.machine(), "cpus": available_cores()}}
     write_text(folder / "config.json", json_text(description) + "\n")
     _write_metrics(folder, history)
@@ -480,20 +489,30 @@ def _announce(session: Session, prog: str) -> None:
         print(f"{banner}\n{prog}: WARNING: full MNIST is not available, so this run trains on the "
               f"BUNDLED mnist-sample ({len(splits.train_images):,} training images), NOT full MNIST.\n"
               f"Its accuracy is not comparable to full-MNIST figures. Reason: {splits.fallback_reason}\n"
-              f"Give --data-dir DIR (a folder holding MNIST/raw) or allow --download.\n{banner}",
+              f"Give --data-dir DIR (a folder holding MNIST/raw){'' if config.download else ' or allow --download'}."
+              f"\n{banner}",
               file=sys.stderr, flush=True)
     schedule = "one-cycle " if config.schedule == "one-cycle" else ""
     augment = config.augmentation if config.augment else "none"
+    # The validation loss picks the best epoch, so it is the training criterion; the test loss is
+    # plain cross-entropy, comparable across recipes.
+    smoothing = (f", label smoothing {config.label_smoothing:g} (train and valid losses; not the test loss)"
+                 if config.label_smoothing else "")
     print(f"recipe {config.recipe} on {splits.dataset}: {len(splits.train_images):,} train / "
           f"{len(splits.valid_images):,} valid / {len(splits.test_images):,} test images; "
           f"{config.optimizer} {schedule}lr {config.lr:g}, batch {config.batch_size}, "
-          f"{config.epochs} epochs, augment {augment}, {config.activation}/{config.pool} "
-          f"{config.dtype}, {learner.framework} ({learner.backend}); run folder {session.folder}", flush=True)
+          f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}, augment {augment}{smoothing}, "
+          f"{config.activation}/{config.pool} {config.dtype}, {learner.framework} ({learner.backend}); "
+          f"run folder {session.folder}", flush=True)
     if learner.compile_seconds > 0.5:
         print(f"{learner.backend} kernels ready in {learner.compile_seconds:.1f} s (compiled, or loaded "
               f"from Numba's disk cache)", flush=True)
     steps = num_batches(len(splits.train_images), config.batch_size)
     warnings = [too_few_steps(config.schedule, steps * config.epochs)]
+    ranges = (config.affine_degrees, config.affine_translate, config.affine_scale, config.affine_shear)
+    if config.augment and config.augmentation == "affine" and not any(ranges):
+        warnings.append("--augmentation affine with all four ranges 0 distorts nothing: give "
+                        "--affine-degrees, --affine-translate, --affine-scale or --affine-shear")
     if config.batch_size > len(splits.train_images):
         warnings.append(f"--batch-size {config.batch_size} exceeds the {len(splits.train_images):,} "
                         f"training images: every epoch is a single step")
@@ -523,16 +542,23 @@ def _train_and_report(session: Session, prog: str) -> int:
             if progress.epoch < config.epochs:
                 # The state before this session's first step is its first "last good" checkpoint.
                 save_if_finite(last, session.learner, config, progress, session.history)
+                _remove_test_results(folder)
                 fit(session.learner, config, session.splits, folder, progress, session.history, stop,
                     on_epoch=lambda record: _report_epoch(record, session))
     except DivergedError as error:
         print(f"{prog}: error: {error}. Training stopped; the last good checkpoint is {last} "
-              f"({_saved_state(last)}). Try a lower --lr.", file=sys.stderr)
+              f"({_saved_state(last)}). Try a lower --lr{_momentum_hint(config)}.", file=sys.stderr)
         return 1
     except TrainingInterrupted as error:
         print(f"{prog}: {error}; saved {last}. Continue with:\n"
               f"  {prog} --resume {shlex.quote(str(last))}", file=sys.stderr)
         return 128 + error.signal_number
+    except (KeyboardInterrupt, Terminated) as error:    # a second signal: stopped at once, unsaved
+        stopped_by = signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
+        print(f"{prog}: {SIGNAL_NAMES[stopped_by]} again: stopped at once; {last} holds the last state "
+              f"saved ({_saved_state(last)}). Continue with:\n  {prog} --resume {shlex.quote(str(last))}",
+              file=sys.stderr)
+        return 128 + stopped_by
     except WriteError as error:
         raise RunError(f"{error}; training stopped, {last} holds the last saved state "
                        f"({_saved_state(last)})") from None
@@ -556,6 +582,21 @@ def _train_and_report(session: Session, prog: str) -> int:
           f"({summary['test_correct']:,}/{summary['test_images']:,}) with {summary['weights_used']}; "
           f"{summary['seconds']:.1f} s; outputs in {folder}{fallback}", flush=True)
     return 0
+
+
+def _momentum_hint(config: TrainConfig) -> str:
+    """SGD's momentum buffer grows without bound at momentum >= 1, whatever the rate: say so."""
+    if config.optimizer == "sgd" and config.momentum >= 1:
+        return f", or a --momentum below 1 (at {config.momentum:g} SGD's steps grow without bound)"
+    return ""
+
+
+def _remove_test_results(folder: Path) -> None:
+    """Remove what the test of a finished run left in ``folder`` (resumed to train further): those
+    figures are of weights this session replaces. summary.json goes first, so that a folder
+    holding one still holds every output of one model."""
+    for name in ("summary.json", *FIGURES):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _saved_state(path: Path) -> str:

@@ -15,7 +15,6 @@ bytes torchvision reads are the same.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -32,6 +31,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.sampler import SubsetRandomSampler
 from torchvision import datasets
 
+from numpylenet.cli import OneLineErrorParser, non_negative_int, positive_int
+from numpylenet.data import default_data_dir
 from reference.lenet import LeNet
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -43,14 +44,15 @@ def torchvision_root(data_dir: str | os.PathLike, cache_dir: str | os.PathLike) 
 
     ``data_dir`` is returned as is when it already has them; otherwise each ``.gz`` found in
     ``data_dir/MNIST/raw`` is decompressed into ``cache_dir/MNIST/raw`` (atomically, once) and
-    ``cache_dir`` is returned.
+    ``cache_dir`` is returned. Raises FileNotFoundError, naming the files, when neither form of
+    each is there.
     """
     raw = Path(data_dir) / "MNIST" / "raw"
     if all((raw / name).is_file() for name in MNIST_FILES):
         return Path(data_dir)
     missing = [name for name in MNIST_FILES if not (raw / f"{name}.gz").is_file()]
     if missing:
-        raise SystemExit(f"seed_notebook: error: no MNIST in {raw} (missing {', '.join(missing)})")
+        raise FileNotFoundError(f"no MNIST in {raw} (missing {', '.join(missing)})")
     cached_raw = Path(cache_dir) / "MNIST" / "raw"
     cached_raw.mkdir(parents=True, exist_ok=True)
     for name in MNIST_FILES:
@@ -178,19 +180,23 @@ def evaluacion_test_data(model, test_loader):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m reference.seed_notebook",
         description="Run the seed notebook's torchvision pipeline unchanged and print its figures.")
-    parser.add_argument("--data-dir", default=os.environ.get("NUMPYLENET_DATA", "data"),
+    parser.add_argument("--data-dir", default=default_data_dir(),
                         help="root holding MNIST/raw (default: $NUMPYLENET_DATA or ./data)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "numpylenet-torchvision"),
                         help="where gzipped IDX files are decompressed for torchvision if needed")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default 0)")
-    parser.add_argument("--epochs", type=int, default=1, help="the notebook's num_epochs (default 1)")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (notebook: 4)")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="the notebook's num_epochs (default 1)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4,
+                        help="DataLoader workers (notebook: 4)")
     args = parser.parse_args(argv)
 
-    root = str(torchvision_root(args.data_dir, args.cache_dir))
+    try:
+        root = str(torchvision_root(args.data_dir, args.cache_dir))
+    except OSError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 

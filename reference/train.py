@@ -53,7 +53,8 @@ class TorchLearner:
             torch.set_num_threads(config.threads)
         _data_kernels_on_one_thread()
         mode = "torch.compile" if compile else "torch"
-        self.backend = f"{mode} {torch.__version__}, {torch.get_num_threads()} threads"
+        self.threads = torch.get_num_threads()
+        self.backend = f"{mode} {torch.__version__}, {self.threads} threads"
         self.kind = config.optimizer
         self.dtype = TORCH_DTYPES[config.dtype]
         self.model = TorchLeNet5(config.activation, config.pool).to(self.dtype)

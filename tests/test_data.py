@@ -518,8 +518,9 @@ def test_interrupted_download_leaves_nothing(server, tmp_path):
 
 
 def test_load_mnist_downloads_from_mirrors(server, tmp_path, monkeypatch):
-    """End to end: load_mnist(download=True) fetches the four files (the sample, served as if it
-    were MNIST), skipping a dead first mirror, and leaves a folder torchvision can read too."""
+    """End to end: load_mnist(download=True) fetches the files of the split it loads (the sample,
+    served as if it were MNIST; the test set needs no training files), skipping a dead first
+    mirror, and leaves a folder torchvision can read too."""
     sample_raw = data.SAMPLE_ROOT / "MNIST-sample" / "raw"
     md5 = {}
     for name in data.MNIST_FILES:
@@ -532,6 +533,9 @@ def test_load_mnist_downloads_from_mirrors(server, tmp_path, monkeypatch):
     np.testing.assert_array_equal(images, expected_images)
     np.testing.assert_array_equal(labels, expected_labels)
     raw = tmp_path / "MNIST" / "raw"
+    test_files = [name for name in data.MNIST_FILES if name.startswith("t10k-")]
+    assert only_files(raw) == sorted(test_files + [f"{name}.gz" for name in test_files])
+    data.load_mnist(tmp_path, train=True, download=True)
     assert only_files(raw) == sorted(list(data.MNIST_FILES) + [f"{name}.gz" for name in data.MNIST_FILES])
     server.files.clear()  # a second call finds everything in place and asks nothing
     data.load_mnist(tmp_path, download=True)

@@ -199,6 +199,7 @@ def test_two_runs_best_npz_evaluated_into_one_folder_keep_both_reports(capsys, t
                      for stem in ("eval-best-mnist-sample", "eval-best-mnist-sample-2"))
     assert (first["checkpoint"], second["checkpoint"]) == (str(finished[0] / "best.npz"), str(regressed / "best.npz"))
     assert first == alone[finished[0]] and second == alone[regressed]
+    assert first["trained"] == {"epoch": saved(finished[0] / "best.npz")["epoch"], "step": 0}
     assert (out / "eval-best-mnist-sample-2-confusion_matrix.png").exists()
     monkeypatch.chdir(regressed)
     code, out_text, _ = run_evaluate(capsys, "best.npz", "--out", out)
@@ -791,7 +792,8 @@ def test_threads_are_capped_at_the_cores_available(finished):
 
         limit = min(limit, numba.config.NUMBA_NUM_THREADS)
     if limit == available_cores():
-        assert f"--threads 1000 capped at the {available_cores()} cores available" in err
+        cores = available_cores()
+        assert f"--threads 1000 capped at the {cores} core{'s' if cores > 1 else ''} available" in err
     assert "--threads 1000 capped at" in err
     assert json.loads((folder / "config.json").read_text())["threads"] == limit
 
@@ -837,6 +839,55 @@ def test_ctrl_c_during_the_test_leaves_a_run_that_resume_tests_again(capsys, mon
     code, out, _ = run_train(capsys, *hint[3:])
     assert code == 0 and "already finished" in out
     assert all((folder / name).exists() for name in ("summary.json", *FIGURES))
+
+
+def test_a_second_ctrl_c_stops_at_once_and_names_the_state_to_resume_from(capsys, tmp_path):
+    """The first Ctrl-C asks to stop after the step; a second one, inside that step, stops at once
+    (nothing saved): the message names what last.npz holds (the end of epoch 1: step 4 is epoch
+    2's first) and the command that continues, which then works."""
+    class CtrlCTwiceAtStepFour(NumpyLearner):
+        def train_step(self, x, y, lr):
+            self.taken = getattr(self, "taken", 0) + 1
+            if self.taken == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().train_step(x, y, lr)
+
+    folder = tmp_path / "run"
+    code, _, err = run_train(capsys, *TINY, "--out", folder, make_learner=CtrlCTwiceAtStepFour)
+    assert code == 130 and "Ctrl-C again: stopped at once" in err and "(after epoch 1)" in err, err
+    assert (saved(folder / "last.npz")["epoch"], saved(folder / "last.npz")["step"]) == (1, 0)
+    hint = shlex.split(err.strip().splitlines()[-1])
+    assert hint[-2:] == ["--resume", str(folder / "last.npz")]
+    code, out, _ = run_train(capsys, *hint[3:])
+    assert code == 0 and "resuming at epoch 2, step 1" in out, out
+
+
+def test_a_finished_run_resumed_to_train_further_drops_its_old_test_results(capsys, tmp_path, finished):
+    """Extending a finished run: its summary.json and figures are of weights the extension
+    replaces, so they are gone from its first step on (a Ctrl-C there must not leave a summary of
+    epoch 2 beside a last.npz of epoch 3), and the finished extension writes them anew."""
+    folder = tmp_path / "run"
+    shutil.copytree(finished[0], folder)
+    assert all((folder / name).exists() for name in ("summary.json", *FIGURES))
+
+    class InterruptedAtOnce(NumpyLearner):
+        def train_step(self, x, y, lr):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().train_step(x, y, lr)
+
+    code, _, err = run_train(capsys, "--resume", folder / "last.npz", "--epochs", "3",
+                             make_learner=InterruptedAtOnce)
+    assert code == 130 and saved(folder / "last.npz")["epoch"] == 2 and saved(folder / "last.npz")["step"] == 1, err
+    assert not any((folder / name).exists() for name in ("summary.json", *FIGURES))
+    # evaluate names the point of the run its weights are from: this last.npz is one step into epoch 3
+    code, out, _ = run_evaluate(capsys, folder / "last.npz", "--out", tmp_path / "eval")
+    assert code == 0 and f"{folder / 'last.npz'} (epoch 3, after step 1) on the" in out, out
+    report = json.loads((tmp_path / "eval" / "eval-last-mnist-sample.json").read_text())
+    assert report["trained"] == {"epoch": 2, "step": 1}
+    assert run_train(capsys, "--resume", folder / "last.npz")[0] == 0
+    assert json.loads((folder / "summary.json").read_text())["epochs"] == 3
+    assert all((folder / name).exists() for name in FIGURES)
 
 
 def test_output_piped_into_head_ends_without_a_traceback(tmp_path, finished):

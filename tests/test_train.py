@@ -79,6 +79,36 @@ def test_config_json_holds_every_setting(run):
     assert config["resolved"]["dataset"] == "mnist-sample" and config["resolved"]["train_images"] == 512
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_config_json_records_the_threads_the_run_computes_with(capsys, tmp_path, backend):
+    """resolved.threads: --threads as given, at most the cores; resolved.numba: its version;
+    resolved.command: the command as typed, to run again (not sys.argv, which names train.py)."""
+    from numpylenet.backend import available_cores
+
+    for threads in (1, 1000):
+        flags = [*TINY, "--epochs", "1", "--backend", backend, "--threads", threads, "--out", tmp_path / str(threads)]
+        assert train(capsys, *flags)[0] == 0
+        resolved = json.loads((tmp_path / str(threads) / "config.json").read_text())["resolved"]
+        assert resolved["threads"] == min(threads, available_cores())
+        assert resolved["command"] == ["python", "-m", "numpylenet.train", *map(str, flags)]
+    numba = sys.modules.get("numba")
+    assert resolved["numba"] == (numba.__version__ if backend == "numba" else None)
+
+
+def test_numba_num_threads_above_the_cores_trains_on_the_cores(tmp_path):
+    """NUMBA_NUM_THREADS=1000 on two cores trained 17x slower, its threads only waiting for one
+    another: without --threads the kernels run on the cores available, as --threads would cap."""
+    from cli_runs import environment
+
+    from numpylenet.backend import available_cores
+
+    result = subprocess.run([sys.executable, "-m", "numpylenet.train", *TINY, "--epochs", "1", "--backend",
+                             "numba", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                            env=environment(NUMBA_NUM_THREADS=str(4 * available_cores())), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "config.json").read_text())["resolved"]["threads"] == available_cores()
+
+
 def test_metrics_and_summary_are_consistent_and_sane(run):
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
@@ -280,12 +310,31 @@ def test_an_infinite_training_loss_stops_the_run_as_nan_does(capsys, tmp_path):
     code, _, err = train(capsys, *TINY, "--out", tmp_path, make_learner=InfiniteLossAtStepTwo)
     assert code == 1 and "loss became inf" in err and "last good checkpoint" in err
     assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+    assert "--momentum" not in err                    # Adam: only the rate is to blame
+
+
+def test_a_diverged_run_with_momentum_of_one_or_more_says_so(capsys, tmp_path):
+    """At momentum >= 1 SGD's buffer grows without bound whatever the rate: "try a lower --lr"
+    alone would send the user the wrong way."""
+    code, _, err = train(capsys, *TINY, "--optimizer", "sgd", "--momentum", "1.5", "--out", tmp_path,
+                         make_learner=InfiniteLossAtStepTwo)
+    assert code == 1 and "Try a lower --lr, or a --momentum below 1" in err, err
+
+
+@pytest.mark.parametrize("flags, warned", [([], True), (["--affine-degrees", "5"], False)])
+def test_affine_augmentation_without_a_range_is_warned_of(capsys, tmp_path, flags, warned):
+    """The seed recipe's affine ranges are all 0: --augmentation affine alone would distort nothing."""
+    code, _, err = train(capsys, *TINY, "--recipe", "seed", "--augmentation", "affine", *flags, "--out", tmp_path)
+    assert code == 0 and ("distorts nothing" in err) == warned, err
 
 
 BAD_FLAGS = [
     (["--batch-size", "0"], "--batch-size"),
     (["--lr", "-0.1"], "--lr"),
     (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr must be a finite number"),              # the setting's own check, named by its flag
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1]"),
     (["--valid-size", "0"], "--valid-size"),
     (["--valid-size", "1"], "--valid-size"),
     (["--backend", "cuda"], "--backend"),
@@ -459,6 +508,20 @@ def torch_accuracy(weights: dict, normalize: bool) -> float:
 
 
 @needs_torch
+@pytest.mark.parametrize("flags, mentions", [(["--epochs", "0"], "--epochs"), (["--num-workers", "-1"], "--num-workers"),
+                                             (["--data-dir", "{tmp}/none"], "no MNIST in")])
+def test_the_seed_notebook_s_bad_input_is_a_one_line_error(capsys, tmp_path, flags, mentions):
+    """--epochs 0 printed an untrained model's accuracy, -1 workers a torch traceback, missing data
+    exit status 1."""
+    from reference.seed_notebook import main as notebook_main
+
+    with pytest.raises(SystemExit) as exit_:
+        notebook_main([flag.replace("{tmp}", str(tmp_path)) for flag in flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and mentions in err and len(err.strip().splitlines()) == 1, err
+
+
+@needs_torch
 def test_evaluate_agrees_with_torch_on_a_checkpoint(capsys, tmp_path, run):
     evaluate_main([str(run / "best.npz"), "--out", str(tmp_path)])
     ours = json.loads((tmp_path / "eval-best-mnist-sample.json").read_text())["test_accuracy"]
@@ -477,7 +540,9 @@ def test_evaluate_reads_a_notebook_state_dict(capsys, tmp_path, run):
     code = evaluate_main([str(tmp_path / "notebook.pt"), "--dataset", "mnist-sample",
                           "--eval-crop", "center", "--out", str(tmp_path)])
     assert code == 0
-    ours = json.loads((tmp_path / "eval-notebook-mnist-sample.json").read_text())["test_accuracy"]
+    report = json.loads((tmp_path / "eval-notebook-mnist-sample.json").read_text())
+    ours = report["test_accuracy"]
+    assert report["trained"] is None            # a state_dict does not know its epoch
     weights = {name: value.numpy() for name, value in model.state_dict().items()}
     assert abs(ours - torch_accuracy(weights, normalize=False)) <= 0.002
 
