@@ -42,6 +42,7 @@ against torchvision.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +71,8 @@ class AffineRanges:
     shear: float = 0.0
 
     def __post_init__(self):
-        problems = [f"{name} must be >= 0, got {value}" for name, value in
-                    (("degrees", self.degrees), ("shear", self.shear)) if not value >= 0]
+        problems = [f"{name} must be a finite number >= 0, got {value}" for name, value in
+                    (("degrees", self.degrees), ("shear", self.shear)) if not 0 <= value < math.inf]
         if not 0 <= self.translate <= 1:
             problems.append(f"translate must lie in [0, 1], got {self.translate}")
         if not 0 <= self.scale < 1:
@@ -165,7 +166,7 @@ def warp_bilinear_numpy(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     bordered[:, 1:-1, 1:-1] = images
     columns = np.clip(u0, -2, width + 1).astype(np.intp)      # clipped first: the cast must not overflow
     rows = np.clip(v0, -2, height + 1).astype(np.intp)
-    base = np.arange(count)[:, np.newaxis, np.newaxis] * bordered[0].size
+    base = np.arange(count)[:, np.newaxis, np.newaxis] * ((height + 2) * (width + 2))
     flat = bordered.ravel()
 
     def pixel(row_offset: int, column_offset: int) -> np.ndarray:
@@ -191,8 +192,10 @@ def warp_bilinear(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     ndarray (N, H, W), same dtype as ``images``
     """
     images = np.asarray(images)
-    if images.ndim != 3 or not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"expected float images of shape (N, H, W), got {images.dtype} {images.shape}")
+    if images.ndim != 3 or images.dtype.type not in (np.float32, np.float64):
+        raise ValueError(f"expected float32 or float64 images of shape (N, H, W), got "
+                         f"{images.dtype} {images.shape}")
+    images = images.astype(images.dtype.newbyteorder("="), copy=False)   # the kernel's byte order
     matrices = np.asarray(matrices, dtype=np.float64)
     if matrices.shape != (len(images), 2, 3):
         raise ValueError(f"need one (2, 3) matrix per image: {len(images)} images, matrices {matrices.shape}")

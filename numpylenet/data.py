@@ -509,7 +509,7 @@ def split_train_valid(num_items: int, valid_size: float = 0.1, seed: int = 0,
     train_indices : ndarray of int64, shape (n - floor(valid_size * n),)
     valid_indices : ndarray of int64, shape (floor(valid_size * n),)
     """
-    if num_items < 0 or not 0.0 <= valid_size <= 1.0:
+    if not isinstance(num_items, (int, np.integer)) or num_items < 0 or not 0.0 <= valid_size <= 1.0:
         raise ValueError(f"need num_items >= 0 and 0 <= valid_size <= 1, got {num_items} and {valid_size}")
     indices = np.arange(num_items, dtype=np.int64)
     split = int(np.floor(valid_size * num_items))
@@ -751,10 +751,14 @@ def normalize(x: np.ndarray, mean: float | Sequence[float], std: float | Sequenc
     -------
     ndarray, shape (N, C, H, W), same dtype
     """
-    if x.ndim != 4:
-        raise ValueError(f"expected a batch of shape (N, C, H, W), got shape {x.shape}")
+    x = np.asarray(x)
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"expected a float batch of shape (N, C, H, W), got {x.dtype} of shape {x.shape}")
     mean = np.asarray(mean, dtype=x.dtype).reshape(-1, 1, 1)
     std = np.asarray(std, dtype=x.dtype).reshape(-1, 1, 1)
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, x.shape[1]):     # torchvision refuses these too
+            raise ValueError(f"normalize: {len(values)} {name} values for {x.shape[1]} channels")
     if np.any(std == 0):
         raise ValueError("normalize: std must be non-zero")
     return (x - mean) / std

@@ -259,6 +259,8 @@ class NumbaLeNet5:
         for ``dtype`` (a run with affine augmentation meets it at its first batch), here, while
         the helper is still at work: with it, the two halves take about as long.
         """
+        if np.dtype(dtype) not in [np.dtype(name) for name in DTYPE_NAMES]:    # native byte order too
+            raise ValueError(f"the numba kernels run {' or '.join(DTYPE_NAMES)}, got {dtype!r}")
         dtype = np.dtype(dtype)
         if optimizer not in (None, *OPTIMIZER_NAMES):
             raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES} or None, got {optimizer!r}")
@@ -389,6 +391,8 @@ def warmup(dtypes: Iterable = DTYPE_NAMES, helper_process: bool = True) -> float
     and float64; ``helper_process`` as in :meth:`NumbaLeNet5.compile`); return the seconds it
     took: about seven seconds a dtype the first time, well under a second once Numba's cache holds
     them."""
+    if isinstance(dtypes, str):           # one name, not the characters of one
+        dtypes = [dtypes]
     start = time.perf_counter()
     for dtype in dtypes:
         NumbaLeNet5.compile(dtype, helper_process=helper_process)

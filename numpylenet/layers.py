@@ -98,8 +98,30 @@ class Parameter:
     def shape(self) -> tuple[int, ...]:
         return self.data.shape
 
+    def __reduce__(self):
+        """Pickling and ``copy.deepcopy``: a parameter of a model's flat buffers becomes the same
+        parameter of the copied model, so that whatever is copied together with the model - an
+        optimiser, in ``copy.deepcopy((model, optimizer))`` - holds the copy's parameters, as in
+        torch. Any other parameter is copied with its data and gradient."""
+        if self.owner is not None:
+            index = next(i for i, p in enumerate(self.owner.parameters()) if p is self)
+            return _parameter_of, (self.owner, index)
+        return _free_parameter, (self._data, self._grad)
+
     def __repr__(self) -> str:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+def _parameter_of(owner, index: int) -> Parameter:
+    """Parameter ``index`` of the model ``owner`` (see :meth:`Parameter.__reduce__`)."""
+    return owner.parameters()[index]
+
+
+def _free_parameter(data: np.ndarray, grad: np.ndarray) -> Parameter:
+    """A parameter of no model holding ``data`` and ``grad`` (see :meth:`Parameter.__reduce__`)."""
+    parameter = Parameter(data)
+    parameter.grad = grad
+    return parameter
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +313,17 @@ class Layer:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         return value
 
+    def _output_grad(self, grad_output) -> np.ndarray:
+        """``grad_output`` checked to be dL/dy for the last forward pass: a float array of exactly
+        its output's shape (``output_shape``, which forward records). Checked before any
+        ``.grad`` is touched: a transposed or broadcastable gradient would give wrong ones."""
+        shape = self._cached("output_shape")
+        grad_output = np.asarray(grad_output)
+        if grad_output.shape != shape or not np.issubdtype(grad_output.dtype, np.floating):
+            raise ValueError(f"{type(self).__name__}.backward expected a float gradient of the output's "
+                             f"shape {shape}, got {grad_output.dtype} of shape {grad_output.shape}")
+        return grad_output
+
 
 class Conv2d(Layer):
     """2-D convolution (cross-correlation, as in torch) by im2col and one matrix multiply.
@@ -356,10 +389,12 @@ class Conv2d(Layer):
         self.cols = im2col(x, self.kernel_size, self.stride, self.padding)   # (C_in kh kw, N OH OW)
         weight_matrix = self.weight.data.reshape(self.out_channels, -1)      # (C_out, C_in kh kw)
         y = weight_matrix @ self.cols + self.bias.data[:, None]              # (C_out, N OH OW)
+        self.output_shape = (n, self.out_channels, oh, ow)
         return y.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)  # (N, C_out, OH, OW)
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        cols = self._cached("cols")
+        grad_output = self._output_grad(grad_output)
+        cols = self.cols
         # (N, C_out, OH, OW) -> (C_out, N OH OW), the layout of Y in forward.
         grad_y = grad_output.transpose(1, 0, 2, 3).reshape(self.out_channels, cols.shape[1])
         weight_matrix = self.weight.data.reshape(self.out_channels, -1)
@@ -403,10 +438,12 @@ class _Pool2d(Layer):
         oh, ow = output_size(h, kh, self.stride[0]), output_size(w, kw, self.stride[1])
         cols = im2col(x.reshape(n * c, 1, h, w), self.kernel_size, self.stride)  # (kh kw, N C OH OW)
         pooled, self.saved = self.reduce(cols)
+        self.output_shape = (n, c, oh, ow)
         return pooled.reshape(n, c, oh, ow)
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        n, c, h, w = self._cached("input_shape")
+        grad_output = self._output_grad(grad_output)
+        n, c, h, w = self.input_shape
         grad_cols = self.spread(grad_output.reshape(1, -1), self.saved)          # (kh kw, N C OH OW)
         grad_x = col2im(grad_cols, (n * c, 1, h, w), self.kernel_size, self.stride)
         return grad_x.reshape(n, c, h, w)
@@ -486,10 +523,11 @@ class _Activation(Layer):
             raise ValueError(f"{type(self).__name__} expected a floating-point input of any shape, "
                              f"got dtype {x.dtype}")
         self.output = self.function(x)
+        self.output_shape = self.output.shape
         return self.output
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        return grad_output * self.derivative(self._cached("output"))
+        return self._output_grad(grad_output) * self.derivative(self.output)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -552,10 +590,11 @@ class Flatten(Layer):
         if x.ndim < 1:
             raise ValueError(f"Flatten expected input of shape (N, ...), got shape {x.shape}")
         self.input_shape = x.shape
-        return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+        self.output_shape = (x.shape[0], int(np.prod(x.shape[1:])))
+        return x.reshape(self.output_shape)
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        return grad_output.reshape(self._cached("input_shape"))
+        return self._output_grad(grad_output).reshape(self.input_shape)
 
     def __repr__(self) -> str:
         return "Flatten()"
@@ -599,10 +638,12 @@ class Linear(Layer):
         if x.shape[1] != self.in_features:
             raise ValueError(f"Linear expected input of shape {expected}, got shape {x.shape}")
         self.input = np.array(x, dtype=self.dtype)    # a copy: dW needs x as it was
+        self.output_shape = (x.shape[0], self.out_features)
         return self.input @ self.weight.data.T + self.bias.data
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        x = self._cached("input")
+        grad_output = self._output_grad(grad_output)
+        x = self.input
         self.weight.grad += grad_output.T @ x        # dW = dY^T @ x
         self.bias.grad += grad_output.sum(axis=0)    # db = sum over the batch of dY
         return grad_output @ self.weight.data        # dx = dY @ W

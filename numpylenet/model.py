@@ -54,7 +54,9 @@ class LeNet5:
     Both backends accept and reject the same inputs: any floating-point x of shape (N, 1, 32, 32),
     N >= 0 (cast to the model's dtype; an empty batch gives empty logits, as in torch), and in
     backward a floating-point dL/dlogits of shape (N, 10) for the N of the last forward. The
-    backward pass uses what forward kept (its own copies), never the caller's x.
+    backward pass uses what forward kept (its own copies), never the caller's x. They agree to
+    1e-10 in float64 on finite inputs; from a NaN or infinite pixel both give NaNs, but not in
+    the same entries (the kernels are compiled with ``fastmath``: see :mod:`numpylenet.kernels`).
 
     Parameters
     ----------

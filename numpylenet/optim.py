@@ -9,6 +9,7 @@ NumPy loop. Either way ``state_dict()`` holds one array per parameter and buffer
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -24,6 +25,16 @@ def _require(condition: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``condition``; written ``not 0 <= x`` so NaN fails."""
     if not condition:
         raise ValueError(message)
+
+
+def _real(value, name: str) -> float:
+    """``value`` as a float if it is one real number (int, float, NumPy scalar or 0-d array, a
+    0-d torch tensor); TypeError for anything else - a string, None, a bool, several values -
+    which the two backends would otherwise each take or refuse in their own way."""
+    array = None if isinstance(value, (bool, np.bool_, str, bytes)) or value is None else np.asarray(value)
+    if array is None or array.ndim != 0 or array.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(array)
 
 
 def state_key(buffer: str, index: int) -> str:
@@ -85,6 +96,10 @@ class Optimizer:
             raise ValueError("optimizer got an empty parameter list")
         if not all(isinstance(p, Parameter) for p in self.params):
             raise ValueError("optimizer expects an iterable of numpylenet.Parameter")
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("optimizer got a parameter more than once: each step would update it "
+                             "once per appearance")
+        lr = _real(lr, "lr")
         _require(0.0 <= lr, f"Invalid learning rate: {lr}")
         self.lr = lr
         self.step_count = 0
@@ -93,6 +108,18 @@ class Optimizer:
         # A numba-backend model's parameters tile one flat buffer: then step() is one fused loop.
         self.fused_buffers = find_fused_buffers(self.params)
         self._flat_states: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy``: without the fused buffers, which are the model's and are
+        found again from the copied parameters (:meth:`__setstate__`), nor the flat state arrays,
+        packed again from the per-parameter buffers at the next step."""
+        state = dict(self.__dict__)
+        state["fused_buffers"], state["_flat_states"] = None, {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.fused_buffers = find_fused_buffers(self.params)
 
     def zero_grad(self) -> None:
         """Set every parameter's gradient to zero, in place."""
@@ -210,7 +237,8 @@ class Adam(Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, lr)
-        beta1, beta2 = betas
+        beta1, beta2 = (_real(beta, f"betas[{index}]") for index, beta in enumerate(betas))
+        eps, weight_decay = _real(eps, "eps"), _real(weight_decay, "weight_decay")
         _require(0.0 <= eps, f"Invalid epsilon value: {eps}")
         _require(0.0 <= beta1 < 1.0, f"Invalid beta parameter at index 0: {beta1}")
         _require(0.0 <= beta2 < 1.0, f"Invalid beta parameter at index 1: {beta2}")
@@ -273,7 +301,12 @@ class SGD(Optimizer):
     def __init__(self, params: Iterable[Parameter], lr: float, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
         super().__init__(params, lr)
+        momentum, dampening = _real(momentum, "momentum"), _real(dampening, "dampening")
+        weight_decay = _real(weight_decay, "weight_decay")
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
         _require(0.0 <= momentum, f"Invalid momentum value: {momentum}")
+        _require(math.isfinite(dampening), f"Invalid dampening value: {dampening}")
         _require(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
         _require(not nesterov or (momentum > 0 and dampening == 0),
                  "Nesterov momentum requires a momentum and zero dampening")

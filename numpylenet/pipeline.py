@@ -176,6 +176,8 @@ def affine_ranges(config: TrainConfig) -> augment.AffineRanges:
 
 def num_batches(num_items: int, batch_size: int) -> int:
     """Batches per epoch, the last partial batch included."""
+    if batch_size < 1 or num_items < 0:
+        raise ValueError(f"need num_items >= 0 and batch_size >= 1, got {num_items} and {batch_size}")
     return -(-num_items // batch_size)
 
 

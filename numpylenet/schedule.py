@@ -69,6 +69,8 @@ SCHEDULES = {"constant": constant_lr, "one-cycle": one_cycle_lr}
 
 def learning_rate(schedule: str, step: int, total_steps: int, max_lr: float) -> float:
     """The learning rate of the named schedule (``"constant"`` or ``"one-cycle"``) at ``step``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     return SCHEDULES[schedule](step, total_steps, max_lr)
 
 

@@ -173,7 +173,8 @@ def test_random_affine_is_affine_of_its_draws():
 
 
 @pytest.mark.parametrize("kwargs", [dict(degrees=-1), dict(translate=1.5), dict(scale=1.0),
-                                    dict(scale=-0.1), dict(shear=90), dict(degrees=float("nan"))])
+                                    dict(scale=-0.1), dict(shear=90), dict(degrees=float("nan")),
+                                    dict(degrees=float("inf"))])
 def test_ranges_reject_bad_values(kwargs):
     with pytest.raises(ValueError):
         AffineRanges(**kwargs)
@@ -184,7 +185,27 @@ def test_rejects_bad_shapes():
         augment.affine_matrices(np.zeros(2), np.zeros((3, 2)), np.ones(2), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="scales"):
         augment.affine_matrices(np.zeros(1), np.zeros((1, 2)), np.zeros(1), np.zeros((1, 2)))
-    with pytest.raises(ValueError, match="float images"):
+    with pytest.raises(ValueError, match="float32 or float64 images"):
         augment.warp_bilinear(np.zeros((2, 4, 4), np.uint8), np.zeros((2, 2, 3)))
     with pytest.raises(ValueError, match="one"):
         augment.warp_bilinear(np.zeros((2, 4, 4)), np.zeros((3, 2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.longdouble, np.int32], ids=["f16", "longdouble", "int32"])
+def test_warp_bilinear_refuses_other_dtypes_in_one_line(dtype):
+    """float16 and long double reached the Numba kernel, which dumped a typing traceback."""
+    with pytest.raises(ValueError, match="expected float32 or float64 images"):
+        augment.warp_bilinear(np.zeros((1, 4, 4), dtype), np.eye(2, 3)[np.newaxis])
+
+
+def test_warp_bilinear_reads_big_endian_images_and_an_empty_batch():
+    """Big-endian floats (a file's byte order) warp as the native ones; an empty batch gives an
+    empty batch on both paths (the NumPy one indexed image 0)."""
+    images = random_images(2, 6, 5)
+    matrices = augment.affine_matrices(np.array([10.0, -20.0]), np.array([[0.5, 0.0], [0.0, -1.0]]),
+                                       np.array([1.1, 0.9]), np.zeros((2, 2)))
+    np.testing.assert_array_equal(augment.warp_bilinear(images.astype(">f8"), matrices),
+                                  augment.warp_bilinear(images, matrices))
+    empty, no_matrices = np.zeros((0, 6, 5)), np.zeros((0, 2, 3))
+    assert augment.warp_bilinear(empty, no_matrices).shape == (0, 6, 5)
+    assert augment.warp_bilinear_numpy(empty, no_matrices).shape == (0, 6, 5)

@@ -587,11 +587,22 @@ def test_split_leaves_global_numpy_state_alone():
     assert np.random.random() == expected
 
 
+@pytest.mark.parametrize("count, batch_size", [(10, 0), (10, -1), (-1, 4)])
+def test_batches_per_epoch_need_a_positive_batch(count, batch_size):
+    """num_batches(10, 0) divided by zero; (10, -1) said -10 batches."""
+    from numpylenet.pipeline import num_batches
+
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        num_batches(count, batch_size)
+
+
 def test_split_rejects_bad_arguments():
     with pytest.raises(ValueError, match="valid_size"):
         data.split_train_valid(10, valid_size=1.5)
     with pytest.raises(ValueError, match="num_items"):
         data.split_train_valid(-1)
+    with pytest.raises(ValueError, match="num_items"):      # gave 11 indices, index 10 among them
+        data.split_train_valid(10.5)
 
 
 def check_batches(num_items, batch_size, shuffle=True):
@@ -695,6 +706,16 @@ def test_normalize_matches(digits):
     x3 = np.random.default_rng(3).random((2, 3, 4, 4)).astype(np.float32)
     np.testing.assert_array_equal(data.normalize(x3, (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)),
                                   F.normalize(torch.from_numpy(x3), [0.1, 0.2, 0.3], [0.5, 0.6, 0.7]).numpy())
+    # What torchvision refuses: a mean or std per channel of another channel count (one channel
+    # with two stds came back as two channels), and integer images (std 0.5 cast to uint8 was 0).
+    with pytest.raises(RuntimeError):
+        F.normalize(torch.from_numpy(x3), [0.1, 0.2], [1.0, 1.0])
+    with pytest.raises(ValueError, match="2 mean values for 3 channels"):
+        data.normalize(x3, (0.1, 0.2), (1.0, 1.0))
+    with pytest.raises(ValueError, match="2 std values for 1 channels"):
+        data.normalize(x3[:, :1], 0.1, (1.0, 1.0))
+    with pytest.raises(ValueError, match="expected a float batch"):
+        data.normalize(digits[:, None], 0.5, 0.5)
 
 
 def test_pixel_table_matches_to_tensor_and_normalize():

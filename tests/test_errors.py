@@ -82,3 +82,28 @@ def test_bad_loss_input_is_rejected(logits, labels):
 def test_bad_configuration_is_rejected(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("make_layer, input_shape, grad_shape", [
+    pytest.param(lambda: Conv2d(3, 4, 3), (2, 3, 6, 6), (4, 2, 4, 4), id="conv_batch_and_channels_swapped"),
+    pytest.param(lambda: Conv2d(3, 4, 3), (2, 3, 6, 6), (2, 4, 16), id="conv_flattened"),
+    pytest.param(lambda: AvgPool2d(2), (2, 3, 4, 4), (3, 2, 2, 2), id="avgpool_swapped"),
+    pytest.param(lambda: MaxPool2d(2), (2, 3, 4, 4), (2, 3, 2, 1), id="maxpool_too_few"),
+    pytest.param(lambda: ReLU(), (3,), (3, 1), id="relu_broadcastable"),
+    pytest.param(lambda: Tanh(), (2, 5), (5,), id="tanh_broadcastable"),
+    pytest.param(lambda: Flatten(), (2, 3, 4), (2, 3, 4), id="flatten_not_flat"),
+    pytest.param(lambda: Linear(5, 3), (2, 5), (2, 1), id="linear_broadcastable"),
+    pytest.param(lambda: Linear(5, 3), (2, 5), (3, 2), id="linear_transposed"),
+])
+def test_a_gradient_not_of_the_output_s_shape_is_rejected_before_any_grad_changes(make_layer, input_shape,
+                                                                                    grad_shape):
+    """Broadcastable or same-size gradients were accepted and gave wrong dW and dx (Linear's
+    matmul error came after it had added into weight.grad)."""
+    layer = make_layer()
+    y = layer.forward(np.ones(input_shape, np.float32))
+    before = [p.grad.copy() for p in layer.parameters()]
+    with pytest.raises(ValueError, match="expected a float gradient of the output's shape"):
+        layer.backward(np.ones(grad_shape, np.float32))
+    assert all(np.array_equal(p.grad, old) for p, old in zip(layer.parameters(), before))
+    with pytest.raises(ValueError, match="got int64"):
+        layer.backward(np.ones(y.shape, np.int64))

@@ -738,6 +738,21 @@ def test_compile_refuses_an_unknown_optimizer():
         engine.NumbaLeNet5.compile(np.float32, "rmsprop")
 
 
+@pytest.mark.parametrize("dtype", ["float16", np.int64, ">f4"])
+def test_compile_refuses_a_dtype_the_kernels_do_not_run(dtype):
+    """float16 reached Numba, which printed 240 lines of typing errors."""
+    with pytest.raises(ValueError, match="the numba kernels run float32 or float64"):
+        engine.NumbaLeNet5.compile(dtype)
+
+
+def test_warmup_takes_one_dtype_name_as_that_dtype(monkeypatch):
+    """warmup("float32") compiled float32, then int64 ('l'), then failed on 'o': its characters."""
+    compiled = []
+    monkeypatch.setattr(engine.NumbaLeNet5, "compile", classmethod(lambda cls, dtype, **_: compiled.append(dtype)))
+    engine.warmup("float32")
+    assert compiled == ["float32"]
+
+
 def test_warmup_compiles_everything_a_training_step_runs():
     """After warmup, training steps of both dtypes and both optimisers compile nothing new."""
     seconds = engine.warmup()

@@ -216,6 +216,43 @@ def test_a_copy_trains_as_the_original_and_apart_from_it(backend):
             assert np.array_equal(param.data, original.data) and not np.array_equal(param.data, start[name]), name
 
 
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_model_copied_with_its_optimizer_trains_as_the_original(backend, kind, how):
+    """copy.deepcopy((model, optimizer)), as torch users checkpoint in memory: the optimiser copy
+    must step the model copy (it held orphan copies of the parameters, and a step changed nothing).
+    Truth: a model never copied, given the same two steps; the original is left alone."""
+    import copy
+    import pickle
+
+    from numpylenet import SGD, Adam
+
+    def pair():
+        model = LeNet5(dtype=np.float64, seed=0, backend=available(backend))
+        make = (lambda p: SGD(p, lr=0.1, momentum=0.9)) if kind == "sgd" else (lambda p: Adam(p, lr=1e-2))
+        return model, make(model.parameters())
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model.forward_backward(images, labels)
+        optimizer.step()
+
+    images, labels = batch(size=8)
+    model, optimizer = pair()
+    step(model, optimizer)                      # an optimiser with state to carry over
+    twin, twin_optimizer = (copy.deepcopy((model, optimizer)) if how == "deepcopy"
+                            else pickle.loads(pickle.dumps((model, optimizer))))
+    assert all(p is q for p, q in zip(twin_optimizer.params, twin.parameters()))
+    after_one = model.flat_data.copy()
+    step(twin, twin_optimizer)
+    never_copied = pair()
+    step(*never_copied)
+    step(*never_copied)
+    np.testing.assert_array_equal(twin.flat_data, never_copied[0].flat_data)
+    np.testing.assert_array_equal(model.flat_data, after_one)
+
+
 def test_a_copy_of_a_subclass_is_of_that_subclass():
     import copy
 

@@ -121,6 +121,43 @@ def test_rejects_what_torch_rejects(kind, hyper):
 
 
 @pytest.mark.parametrize("kind, hyper", [
+    pytest.param("sgd", {"lr": "0.1"}, id="sgd_lr_string"),
+    pytest.param("sgd", {"lr": None}, id="sgd_lr_none"),
+    pytest.param("adam", {"lr": np.array([1e-3])}, id="adam_lr_array"),     # numba: TypeError at step()
+    pytest.param("sgd", {"lr": 0.1, "momentum": [0.9]}, id="sgd_momentum_list"),
+    pytest.param("sgd", {"lr": 0.1, "nesterov": "yes", "momentum": 0.9}, id="sgd_nesterov_string"),
+    pytest.param("adam", {"betas": ("0.9", 0.999)}, id="adam_beta_string"),
+    pytest.param("adam", {"eps": True}, id="adam_eps_bool"),
+])
+def test_a_hyperparameter_that_is_not_one_real_number_is_a_type_error(kind, hyper):
+    """The backends took such values each their own way: one trained, the other raised at step()."""
+    with pytest.raises(TypeError, match="must be"):
+        OPTIMIZERS[kind][0](LeNet5(seed=0).parameters(), **hyper)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_the_same_parameter_twice_is_refused(kind):
+    """It was stepped twice per step (torch warns that this will become an error)."""
+    params = LeNet5(seed=0).parameters()
+    with pytest.raises(ValueError, match="more than once"):
+        OPTIMIZERS[kind][0](params + params[:1], lr=0.1)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_zero_dimensional_array_or_tensor_is_a_learning_rate(backend):
+    """What torch accepts as one number (a 0-d tensor), and a NumPy scalar, train as that number."""
+    results = []
+    for lr in (0.05, np.float32(0.05), np.array(0.05), torch.tensor(0.05)):
+        model = LeNet5(seed=0, dtype=np.float64, backend=backend)
+        optimizer = SGD(model.parameters(), lr=lr, momentum=0.9)
+        model.forward_backward(np.ones((2, 1, 32, 32)), np.array([1, 2]))
+        optimizer.step()
+        results.append(model.flat_data.copy())
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind, hyper", [
     pytest.param("sgd", {"lr": 0.0}, id="sgd_zero_lr"),
     pytest.param("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True}, id="sgd_nesterov"),
     pytest.param("sgd", {"lr": 0.1, "dampening": 0.5}, id="sgd_dampening_without_momentum"),

@@ -60,3 +60,9 @@ def test_too_few_steps_for_a_one_cycle_run_is_said():
     assert too_few_steps("one-cycle", ONE_CYCLE_MIN_STEPS) is None
     assert too_few_steps("constant", 1) is None
     assert learning_rate("constant", 0, 1, PEAK) == PEAK
+
+
+def test_an_unknown_schedule_is_named_in_the_error():
+    """It was a bare KeyError: 'cosine'."""
+    with pytest.raises(ValueError, match="schedule must be one of constant, one-cycle, got 'cosine'"):
+        learning_rate("cosine", 0, 10, PEAK)
