@@ -62,6 +62,9 @@ class Parameter:
     """
 
     def __init__(self, data: np.ndarray):
+        if not (isinstance(data, np.ndarray) and np.issubdtype(data.dtype, np.floating)):
+            raise ValueError(f"a Parameter holds a float ndarray, got {type(data).__name__}"
+                             f"{' of ' + str(data.dtype) if isinstance(data, np.ndarray) else ''}")
         self._data = data
         self._grad = np.zeros_like(data)
         self.owner = None
@@ -140,7 +143,10 @@ def _pair(value: int | Pair, name: str, minimum: int) -> Pair:
 
 
 def as_float_dtype(dtype) -> np.dtype:
-    """Return ``dtype`` as a NumPy dtype, accepting only float32 and float64."""
+    """Return ``dtype`` as a NumPy dtype, accepting only float32 and float64 (not None, which NumPy
+    reads as float64 but torch as its default, float32)."""
+    if dtype is None:
+        raise ValueError("dtype must be float32 or float64, got None")
     try:
         resolved = np.dtype(dtype)
     except TypeError as error:

@@ -7,8 +7,8 @@ must contain so the user can see what shape the layer wanted.
 import numpy as np
 import pytest
 
-from numpylenet import (AvgPool2d, Conv2d, Flatten, LeNet5, Linear, MaxPool2d, ReLU, Sigmoid, Tanh,
-                        softmax_cross_entropy)
+from numpylenet import (AvgPool2d, Conv2d, Flatten, LeNet5, Linear, MaxPool2d, Parameter, ReLU, Sigmoid,
+                        Tanh, softmax_cross_entropy)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -72,6 +72,10 @@ def test_bad_loss_input_is_rejected(logits, labels):
     pytest.param(lambda: LeNet5(activation="softmax"), id="lenet_activation"),
     pytest.param(lambda: LeNet5(pool="min"), id="lenet_pool"),
     pytest.param(lambda: LeNet5(dtype=np.int32), id="lenet_int_dtype"),
+    pytest.param(lambda: LeNet5(dtype=None), id="lenet_dtype_none"),        # NumPy's None is float64
+    pytest.param(lambda: Linear(3, 2, dtype=None), id="linear_dtype_none"),
+    pytest.param(lambda: Parameter([1.0, 2.0]), id="parameter_list"),       # failed later, in step()
+    pytest.param(lambda: Parameter(np.arange(3)), id="parameter_int"),
     pytest.param(lambda: Conv2d(1, 6, 0), id="conv_zero_kernel"),
     pytest.param(lambda: Conv2d(1, 6, 3, stride=0), id="conv_zero_stride"),
     pytest.param(lambda: Conv2d(1, 6, 3, padding=-1), id="conv_negative_padding"),
