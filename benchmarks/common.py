@@ -87,15 +87,12 @@ def make_parser(name: str, description: str, *, repeats: int = 5) -> argparse.Ar
 def _output_folder(text: str) -> Path:
     """--out, created now and shown to be writable: a benchmark that runs for minutes must not
     fail at writing its results."""
-    from numpylenet.files import check_writable, make_folders
+    from numpylenet.files import writable_folder
 
-    folder = Path(text)
     try:
-        make_folders(folder)
-        check_writable(folder)
+        return writable_folder(text)
     except OSError as error:
-        raise argparse.ArgumentTypeError(f"cannot write into {folder}: {error.strerror or error}") from None
-    return folder
+        raise argparse.ArgumentTypeError(f"cannot write into {text}: {error.strerror}") from None
 
 
 def data_dir(given: str | None = None) -> Path:

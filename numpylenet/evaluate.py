@@ -111,14 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _output_folder(out: Path) -> Path:
     """``out``, created if needed and shown to be writable, so that no result is computed (and
     printed) only to fail at writing it."""
-    from .files import check_writable, make_folders
+    from .files import writable_folder
 
     try:
-        make_folders(out)
-        check_writable(out)
+        return writable_folder(out)
     except OSError as error:
         raise RunError(f"cannot write into {out}: {error.strerror}") from None
-    return out
 
 
 def _report_stem(out: Path, name: str, checkpoint: Path) -> str:

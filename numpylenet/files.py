@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["WriteError", "atomic_write", "check_writable", "write_text", "temporary_files", "remove_temporaries",
+__all__ = ["WriteError", "atomic_write", "check_writable", "writable_folder", "write_text", "temporary_files", "remove_temporaries",
            "open_regular", "describe_path", "make_folders", "remove_empty_folders", "json_text",
            "finite_or_none"]
 
@@ -130,6 +130,16 @@ def check_writable(folder: str | os.PathLike) -> None:
         probe.unlink()
     except OSError as error:
         raise WriteError(folder, error) from None
+
+
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` as a Path, created if needed (:func:`make_folders`) and shown to be writable
+    (:func:`check_writable`): what a tool calls before it computes anything. Raises OSError whose
+    ``strerror`` is the reason in words."""
+    folder = Path(folder)
+    make_folders(folder)
+    check_writable(folder)
+    return folder
 
 
 def write_text(destination: str | os.PathLike, text: str) -> None:
