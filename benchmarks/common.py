@@ -38,8 +38,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from numpylenet.cli import OneLineErrorParser, finite_positive_float, positive_int
+
+if TYPE_CHECKING:  # for annotations only: NumPy is imported where it is used
+    import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

@@ -107,6 +107,11 @@ def affine_matrices(angles: np.ndarray, translations: np.ndarray, scales: np.nda
                          f"{angles.shape}, {translations.shape}, {scales.shape}, {shears.shape}")
     if not np.all(scales > 0):
         raise ValueError("scales must be > 0")
+    # An infinite shift or angle gives NaN coordinates, which the NumPy and Numba warps would each
+    # fill in their own way: refuse it here, where both begin.
+    if not (np.isfinite(angles).all() and np.isfinite(translations).all() and np.isfinite(scales).all()
+            and np.isfinite(shears).all()):
+        raise ValueError("angles, translations, scales and shears must be finite")
     rotation, shear_x, shear_y = np.radians(angles), np.radians(shears[:, 0]), np.radians(shears[:, 1])
     a = np.cos(rotation - shear_y) / np.cos(shear_y)
     b = -(a * np.tan(shear_x) + np.sin(rotation))
@@ -121,8 +126,9 @@ def affine_matrices(angles: np.ndarray, translations: np.ndarray, scales: np.nda
 
 
 def random_affine_parameters(count: int, size: tuple[int, int], ranges: AffineRanges,
-                             rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One random transform per image, from the distributions ``transforms.v2.RandomAffine`` uses.
+                             rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """One random transform per image, from the distributions ``transforms.v2.RandomAffine`` uses,
+    drawn from ``rng`` (None: a fresh unseeded generator, as ``numpylenet.data``'s random transforms).
 
     Returns
     -------
@@ -130,6 +136,7 @@ def random_affine_parameters(count: int, size: tuple[int, int], ranges: AffineRa
     ``shears`` (N, 2) (the y shear is 0): the arguments of :func:`affine_matrices`
     """
     height, width = size
+    rng = rng if rng is not None else np.random.default_rng()
     angles = rng.uniform(-ranges.degrees, ranges.degrees, count)
     limits = np.array([ranges.translate * width, ranges.translate * height])
     # Python's round, as torchvision's int(round(...)): halves go to the even neighbour, as np.rint.
@@ -225,7 +232,8 @@ def affine(images: np.ndarray, angles: np.ndarray, translations: np.ndarray, sca
     return warp_bilinear(flat, affine_matrices(angles, translations, scales, shears))
 
 
-def random_affine(images: np.ndarray, ranges: AffineRanges, rng: np.random.Generator) -> np.ndarray:
+def random_affine(images: np.ndarray, ranges: AffineRanges,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
     """``transforms.v2.RandomAffine`` (bilinear, fill None) on every image of a float batch
     (N, H, W) or (N, 1, H, W): one random transform per image (:func:`random_affine_parameters`)."""
     size = np.shape(images)[-2:]

@@ -1,6 +1,8 @@
 """Softmax cross-entropy: the loss of a classifier, fused with its gradient."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 __all__ = ["softmax_cross_entropy", "log_softmax", "check_targets"]
@@ -26,7 +28,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def check_targets(labels: np.ndarray, n: int, num_classes: int, label_smoothing: float) -> None:
     """ValueError unless ``labels`` are n >= 1 integers in [0, num_classes) and ``label_smoothing``
-    lies in [0, 1]: what :func:`softmax_cross_entropy` (and the numba backend's loss) accepts."""
+    lies in [0, 1] (TypeError unless it is a real number): what :func:`softmax_cross_entropy` (and the numba backend's loss) accepts."""
     if n == 0:
         raise ValueError("the loss needs at least one image (N >= 1): a mean over none is undefined")
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
@@ -35,6 +37,9 @@ def check_targets(labels: np.ndarray, n: int, num_classes: int, label_smoothing:
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got values from "
                          f"{labels.min()} to {labels.max()}")
+    # A bool or a string would pass or fail the range test below by accident of Python's ordering.
+    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a real number, got {label_smoothing!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
 

@@ -152,6 +152,9 @@ def transform(images: np.ndarray, config: TrainConfig, dataset: str, *, train: b
     and std (for uint8 pixels both at once, by looking each value up in :func:`data.pixel_table`).
     ``rng`` may be None when nothing is random (no augmentation, centred evaluation).
     """
+    if images.dtype != np.uint8:
+        raise ValueError(f"transform takes the loaders' uint8 images (N, 28, 28), got {images.dtype}: "
+                         "it scales them by 1/255 itself")
     if train and config.augment and config.augmentation == "affine":
         x = data.to_float(data.pad_to(images, 32), dtype=np.dtype(config.dtype))
         x = augment.random_affine(x, affine_ranges(config), rng)

@@ -139,7 +139,7 @@ def train(model, train_data, valid_data, optimizer, num_epochs, num_workers=4):
 
     # Validacion
     model.eval()
-    valid_steps = len(valid_loader) # nro. de batch
+    valid_steps = len(valid_loader) # nro. de batch  # noqa: F841 (unused in the notebook too; kept verbatim)
     valid_loss = []
     for i, (images, labels) in enumerate(valid_loader):
       output = model(images)
@@ -162,7 +162,7 @@ def evaluacion_test_data(model, test_loader):
   loss_it = []
   acc_it  = []
 
-  total_steps = len(test_loader)
+  total_steps = len(test_loader)  # noqa: F841 (unused in the notebook too; kept verbatim)
 
   for i, (images, labels) in enumerate(test_loader):
     outputs = model(images)

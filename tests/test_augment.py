@@ -169,6 +169,15 @@ def test_random_affine_is_affine_of_its_draws():
     np.testing.assert_array_equal(out, augment.affine(images, **draws))
 
 
+def test_random_affine_without_a_generator_draws_from_a_fresh_one():
+    """rng=None as numpylenet.data's random transforms: unseeded, so two calls differ."""
+    ranges = AffineRanges(degrees=10, translate=0.1, scale=0.1, shear=10)
+    images = random_images(5, dtype=np.float32)
+    first, second = augment.random_affine(images, ranges), augment.random_affine(images, ranges)
+    assert first.shape == images.shape and not np.array_equal(first, second)
+    assert augment.random_affine_parameters(5, (32, 32), ranges)["angles"].shape == (5,)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -178,6 +187,17 @@ def test_random_affine_is_affine_of_its_draws():
 def test_ranges_reject_bad_values(kwargs):
     with pytest.raises(ValueError):
         AffineRanges(**kwargs)
+
+
+@pytest.mark.parametrize("which", ["angles", "translations", "scales", "shears"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_transform_parameters_are_refused(which, value):
+    """Before either warp runs: they would fill the NaN coordinates differently."""
+    parameters = dict(angles=np.zeros(2), translations=np.zeros((2, 2)), scales=np.ones(2),
+                      shears=np.zeros((2, 2)))
+    parameters[which][1] = value
+    with pytest.raises(ValueError, match="finite|scales must be > 0"):
+        augment.affine(random_images(2, dtype=np.float32), **parameters)
 
 
 def test_rejects_bad_shapes():

@@ -884,6 +884,16 @@ def test_transform_identities_without_torch(digits):
     assert data.random_crop(digits, 32, 4, rng).dtype == np.uint8
 
 
+def test_the_pipeline_transform_refuses_images_that_are_not_uint8(digits):
+    """A float batch would be scaled by 1/255 a second time; say so instead of a casting error."""
+    from numpylenet.pipeline import transform
+    from numpylenet.recipes import make_config
+
+    for recipe in ("seed", "default"):  # a crop-and-lookup recipe, an affine one
+        with pytest.raises(ValueError, match="uint8"):
+            transform(digits / 255, make_config(recipe), "mnist", train=True, rng=np.random.default_rng(0))
+
+
 def test_transforms_reject_bad_input(digits):
     tops = np.zeros(len(digits), np.int64)
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):

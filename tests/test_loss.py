@@ -60,6 +60,12 @@ def test_label_smoothing_hand_computed():
     np.testing.assert_allclose(grad, (1 / classes - target) / 2, rtol=0, atol=1e-16)
 
 
+@pytest.mark.parametrize("label_smoothing", ["0.1", None, True, np.array([0.1])])
+def test_label_smoothing_that_is_not_a_real_number_is_a_type_error(label_smoothing):
+    with pytest.raises(TypeError, match="label_smoothing must be a real number"):
+        softmax_cross_entropy(np.zeros((2, 10)), np.array([0, 1]), label_smoothing=label_smoothing)
+
+
 @pytest.mark.parametrize("label_smoothing", [-0.1, 1.5, float("nan")])
 def test_label_smoothing_out_of_range(label_smoothing):
     with pytest.raises(ValueError, match="label_smoothing"):
