@@ -593,8 +593,10 @@ class Flatten(Layer):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
-        if x.ndim < 1:
-            raise ValueError(f"Flatten expected input of shape (N, ...), got shape {x.shape}")
+        # Rank 1 is refused, as torch's nn.Flatten does: (N,) has no axes to flatten, only a batch.
+        if not np.issubdtype(x.dtype, np.floating) or x.ndim < 2:
+            raise ValueError(f"Flatten expected a floating-point input of shape (N, d1, ...), "
+                             f"got {x.dtype} of shape {x.shape}")
         self.input_shape = x.shape
         self.output_shape = (x.shape[0], int(np.prod(x.shape[1:])))
         return x.reshape(self.output_shape)
