@@ -84,17 +84,16 @@ def summary(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = common.make_parser(NAME, __doc__.splitlines()[0], repeats=3)
     args = parser.parse_args(argv)
-    repeats = 1 if args.quick else args.repeats
     runs: dict[str, list[dict]] = {"empty cache": [], "warm cache": []}
     if args.quick:
         del runs["empty cache"]
         runs["warm cache"].append(run_once(None, args.threads))
-    for repeat in range(0 if args.quick else repeats):
+    for repeat in range(0 if args.quick else args.repeats):
         with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
             for case in runs:              # empty first, then warm on what it compiled
                 result = run_once(Path(cache), args.threads)
                 runs[case].append(result)
-                print(f"repeat {repeat + 1}/{repeats}, {case}: first step after "
+                print(f"repeat {repeat + 1}/{args.repeats}, {case}: first step after "
                       f"{result['first_step_seconds']:.2f} s, run {result['total_seconds']:.2f} s", flush=True)
     rows = [[case, summary([r["first_step_seconds"] for r in results]),
              summary([r["total_seconds"] for r in results])] for case, results in runs.items()]
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["Numba cache", "launch -> first training step", "launch -> exit (whole run)"], rows)
     command = "python -m numpylenet.train " + " ".join(COMMAND)
     return common.publish(args, NAME, {"command": command, "runs": runs, "markdown": table},
-                          note=f"command: {command} (fresh process each; median (min-max) of {repeats})")
+                          note=f"command: {command} (fresh process each; median (min-max) of {args.repeats})")
 
 
 if __name__ == "__main__":

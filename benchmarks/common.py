@@ -60,22 +60,38 @@ __all__ = ["REPO", "RESULTS", "make_parser", "data_dir", "set_threads", "thread_
 # The command line
 # --------------------------------------------------------------------------------------------
 
+class BenchmarkParser(OneLineErrorParser):
+    """A benchmark's flags: ``--quick`` changes the default of ``--repeats`` (to 1), never a count
+    given on the command line."""
+
+    def __init__(self, *args, repeats: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.repeats = repeats
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.repeats is None:
+            parsed.repeats = 1 if parsed.quick else self.repeats
+        return parsed
+
+
 def make_parser(name: str, description: str, *, repeats: int = 5) -> argparse.ArgumentParser:
     """The flags every benchmark accepts; a script adds its own to the returned parser.
 
     --threads N        threads for torch, Numba and BLAS alike (default 2)
-    --repeats N        timed repeats per contender (median reported); at least 1
+    --repeats N        timed repeats per contender (median reported); at least 1 (default
+                       ``repeats``, 1 with --quick)
     --quick            a tiny configuration that finishes in seconds (CI smoke test)
     --out DIR          where the JSON (and PNG) go (default benchmarks/results)
     --clock-ghz, --flop-per-cycle   override the detected machine figures behind "peak"
     """
-    parser = OneLineErrorParser(prog=f"python -m benchmarks.{name}", description=description)
+    parser = BenchmarkParser(prog=f"python -m benchmarks.{name}", description=description, repeats=repeats)
     parser.add_argument("--threads", type=positive_int, default=2,
                         help="threads for torch, Numba and BLAS together (default 2); on a loaded "
                              "machine 1 can be much faster, so it is recorded with every result")
-    parser.add_argument("--repeats", type=positive_int, default=repeats,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help=f"timed repeats per contender, after a warm-up; the median is reported "
-                             f"(default {repeats})")
+                             f"(default {repeats}; 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny configuration that runs in seconds (the CI smoke test)")
     parser.add_argument("--out", type=_output_folder, default=RESULTS,
@@ -442,15 +458,16 @@ def throughput_main(argv: list[str] | None, name: str, description: str,
     fill while they build the contenders (such as the peers skipped, and why) ends up complete.
     """
     parser = make_parser(name, description)
-    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=batch_sizes,
-                        help=f"batch sizes to time (default {' '.join(map(str, batch_sizes))})")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
+                        help=f"batch sizes to time (default {' '.join(map(str, batch_sizes))}; "
+                             f"{' '.join(map(str, quick_batch_sizes))} with --quick)")
     parser.add_argument("--peers", nargs="*", choices=PEERS, default=None,
                         help=f"the other frameworks to time beside torch eager (default: "
                              f"{' '.join(PEERS)}; none with --quick); a peer that cannot run here "
                              f"is skipped with a one-line reason")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.batch_sizes = 1, quick_batch_sizes
+    if args.batch_sizes is None:
+        args.batch_sizes = quick_batch_sizes if args.quick else batch_sizes
     if args.peers is None:
         args.peers = [] if args.quick else list(PEERS)
     set_threads(args.threads)

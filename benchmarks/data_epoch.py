@@ -64,9 +64,10 @@ def contenders(images: np.ndarray, labels: np.ndarray,
         work["torchvision, image by image"] = (
             lambda: [notebook(Image.fromarray(image, mode="L")) for image in subset],
             count / len(subset), f"{len(subset):,} images")
-    default = make_config("default")
+    mean, std = data.pixel_mean_std(images)   # the statistics a run on these images normalises by
+    default = make_config("default", normalize_mean=mean, normalize_std=std)
     work[f"default recipe (random affine), batches of {default.batch_size}"] = (
-        lambda: [transform(images[batch], default, "mnist", train=True, rng=rng)
+        lambda: [transform(images[batch], default, train=True, rng=rng)
                  for batch in data.batch_indices(count, default.batch_size, rng=rng)],
         1.0, "the whole epoch")
     try:
@@ -81,7 +82,7 @@ def contenders(images: np.ndarray, labels: np.ndarray,
                                              scale=(1 - default.affine_scale, 1 + default.affine_scale),
                                              shear=default.affine_shear,
                                              interpolation=v2.InterpolationMode.BILINEAR, fill=None),
-                             v2.Normalize(data.MNIST_MEAN_STD[:1], data.MNIST_MEAN_STD[1:])])
+                             v2.Normalize([mean], [std])])
         tensors = torch.from_numpy(images[:torchvision_images, np.newaxis].copy())
         work["torchvision v2 RandomAffine, image by image"] = (
             lambda: [affine(tensor) for tensor in tensors], count / len(tensors),
@@ -98,8 +99,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", default=None,
                         help="root holding MNIST/raw (default $NUMPYLENET_DATA, else ../shared/data)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats = 1
     common.set_threads(args.threads)
     from numpylenet.backend import resolve_backend
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import common
+from numpylenet.names import BACKEND_NAMES
 
 NAME = "epoch"
 NOTEBOOK = "torch, notebook's DataLoader pipeline"
@@ -50,10 +51,11 @@ def numpylenet_pipeline_epoch(make_learner: Callable, config) -> dict:
     accuracy. The loop's progress bar is silenced.
     """
     from numpylenet.loop import Progress, StopOnInterrupt, evaluate_batches, fit
-    from numpylenet.pipeline import Stream, evaluation_batches, generator, load_splits
+    from numpylenet.pipeline import Stream, evaluation_batches, generator, load_splits, with_training_statistics
 
     started = time.perf_counter()
     splits = load_splits(config)
+    config = with_training_statistics(config, splits)
     loaded = time.perf_counter()
     learner = make_learner(config)
     ready = time.perf_counter()
@@ -64,7 +66,7 @@ def numpylenet_pipeline_epoch(make_learner: Callable, config) -> dict:
             on_epoch=lambda record: None)
     trained = time.perf_counter()
     test = evaluate_batches(learner, evaluation_batches(splits.test_images, splits.test_labels, config,
-                                                        splits.dataset, rng=generator(config.seed, Stream.TEST)))
+                                                        rng=generator(config.seed, Stream.TEST)))
     finished = time.perf_counter()
     record = history[-1]
     train_seconds = len(splits.train_images) / record["train_images_per_second"]
@@ -159,7 +161,7 @@ def markdown(summary: dict[str, dict], comparable: bool = True) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = common.make_parser(NAME, __doc__.splitlines()[0], repeats=3)
-    parser.add_argument("--backends", nargs="+", default=None, choices=("numba", "numpy"),
+    parser.add_argument("--backends", nargs="+", default=None, choices=BACKEND_NAMES,
                         help="numpylenet backends to time (default: numba and numpy; numpy only "
                              "when numba cannot run)")
     parser.add_argument("--data-dir", default=None,
@@ -171,8 +173,6 @@ def main(argv: list[str] | None = None) -> dict:
         from numpylenet.backend import numba_unavailable_reason
 
         args.backends = ["numba", "numpy"] if numba_unavailable_reason() is None else ["numpy"]
-    if args.quick:
-        args.repeats = 1
     common.set_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="numpylenet-epoch-") as scratch:
@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
         figures: dict[str, list[dict]] = {name: [] for name in runs}
         timed = {name: (lambda name=name: figures[name].append(runs[name]())) for name in runs}
         common.interleaved_timings(timed, args.repeats, warmup=0)
+    # Each numpylenet learner sets these threads as it is built; a TorchLearner leaves Numba's data
+    # kernels on one thread (reference.train says why). The JSON records the numpylenet rows' threads,
+    # whichever contender ran last.
+    common.set_threads(args.threads)
     summary = summarise(figures)
     note = ("" if not args.quick else
             f"--quick: numpylenet rows train on {QUICK_TRAIN_IMAGES} images; the notebook's row "

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
+from numpylenet.cli import non_negative_int
 from numpylenet.names import BACKEND_NAMES
 from numpylenet.recipes import RECIPES
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = common.make_parser(NAME, __doc__.splitlines()[0], repeats=1)
     parser.add_argument("--recipes", nargs="+", default=["default", "speedrun", "seed"],
                         choices=tuple(RECIPES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0, 1, 2])
     parser.add_argument("--data-dir", default=None,
                         help="root holding MNIST/raw (default $NUMPYLENET_DATA, else ../shared/data)")
     parser.add_argument("--backend", default=None, choices=BACKEND_NAMES,

@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from benchmarks import common
+from numpylenet.cli import non_negative_int, positive_int
 
 NAME = "time_to_accuracy"
 CONTENDERS = ("numpylenet", "torch", "torch.compile", "jax")
@@ -105,7 +106,7 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
     learner, kernel_seconds = make_learner(contender, config)
     threads = common.thread_report(config.threads)      # as this learner left them
     test_batches = list(evaluation_batches(splits.test_images, splits.test_labels, config,
-                                           splits.dataset, rng=generator(config.seed, Stream.TEST)))
+                                           rng=generator(config.seed, Stream.TEST)))
     steps_per_epoch = num_batches(len(splits.train_images), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     measure_at = set(np.linspace(0, total_steps, evaluations + 1).round().astype(int)[1:].tolist())
@@ -119,8 +120,7 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
 
     clock.start()
     for epoch in range(config.epochs):
-        for step, x, y in training_batches(splits.train_images, splits.train_labels, config,
-                                           splits.dataset, epoch):
+        for step, x, y in training_batches(splits.train_images, splits.train_labels, config, epoch):
             global_step = epoch * steps_per_epoch + step
             learner.train_step(x, y, learning_rate(config.schedule, global_step, total_steps, config.lr))
             images += len(y)
@@ -128,7 +128,6 @@ def run(contender: str, config, splits, evaluations: int) -> dict:
                 measure(global_step + 1)
                 clock.start()
         evaluate_batches(learner, evaluation_batches(splits.valid_images, splits.valid_labels, config,
-                                                     splits.dataset,
                                                      rng=generator(config.seed, Stream.VALID, epoch)),
                          label_smoothing=config.label_smoothing)
     measure(total_steps)
@@ -219,9 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = common.make_parser(NAME, __doc__.splitlines()[0], repeats=1)
     parser.add_argument("--recipes", nargs="+", default=["speedrun", "default"], choices=tuple(RECIPES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0, 1, 2])
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    parser.add_argument("--evaluations", type=int, default=25,
+    parser.add_argument("--evaluations", type=positive_int, default=25,
                         help="test-set measurements per run, evenly spaced in steps (default 25)")
     parser.add_argument("--data-dir", default=None,
                         help="root holding MNIST/raw (default $NUMPYLENET_DATA, else ../shared/data)")
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not args.contenders:
                 parser.error(f"jax cannot run here ({reason}): no contender left")
 
-    from numpylenet.pipeline import load_splits
+    from numpylenet.pipeline import load_splits, with_training_statistics
     from numpylenet.recipes import make_config
 
     runs = []
@@ -250,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
             dict(dataset="mnist", data_dir=str(common.data_dir(args.data_dir)))
         splits = load_splits(make_config(recipe, download=False, threads=args.threads, **overrides))
         for seed in args.seeds:
-            config = make_config(recipe, download=False, threads=args.threads, seed=seed, **overrides)
+            config = with_training_statistics(
+                make_config(recipe, download=False, threads=args.threads, seed=seed, **overrides), splits)
             for contender in args.contenders:
                 result = run(contender, config, splits, args.evaluations)
                 print(f"{recipe} seed {seed} {contender}: {result['train_seconds']:.1f} s, final test "

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .names import DTYPE_NAMES
+
 __all__ = ["AffineRanges", "affine_matrices", "random_affine_parameters", "warp_bilinear",
            "warp_bilinear_numpy", "affine", "random_affine"]
 
@@ -199,8 +201,8 @@ def warp_bilinear(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     ndarray (N, H, W), same dtype as ``images``
     """
     images = np.asarray(images)
-    if images.ndim != 3 or images.dtype.type not in (np.float32, np.float64):
-        raise ValueError(f"expected float32 or float64 images of shape (N, H, W), got "
+    if images.ndim != 3 or images.dtype.name not in DTYPE_NAMES:
+        raise ValueError(f"expected {' or '.join(DTYPE_NAMES)} images of shape (N, H, W), got "
                          f"{images.dtype} {images.shape}")
     images = images.astype(images.dtype.newbyteorder("="), copy=False)   # the kernel's byte order
     matrices = np.asarray(matrices, dtype=np.float64)

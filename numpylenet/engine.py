@@ -259,7 +259,11 @@ class NumbaLeNet5:
         for ``dtype`` (a run with affine augmentation meets it at its first batch), here, while
         the helper is still at work: with it, the two halves take about as long.
         """
-        if np.dtype(dtype) not in [np.dtype(name) for name in DTYPE_NAMES]:    # native byte order too
+        try:
+            known = np.dtype(dtype) in [np.dtype(name) for name in DTYPE_NAMES]    # native byte order too
+        except TypeError:                                                      # not a dtype at all
+            known = False
+        if not known:
             raise ValueError(f"the numba kernels run {' or '.join(DTYPE_NAMES)}, got {dtype!r}")
         dtype = np.dtype(dtype)
         if optimizer not in (None, *OPTIMIZER_NAMES):
@@ -391,7 +395,7 @@ def warmup(dtypes: Iterable = DTYPE_NAMES, helper_process: bool = True) -> float
     and float64; ``helper_process`` as in :meth:`NumbaLeNet5.compile`); return the seconds it
     took: about seven seconds a dtype the first time, well under a second once Numba's cache holds
     them."""
-    if isinstance(dtypes, str):           # one name, not the characters of one
+    if isinstance(dtypes, (str, type, np.dtype)):     # one dtype, not the characters of one name
         dtypes = [dtypes]
     start = time.perf_counter()
     for dtype in dtypes:

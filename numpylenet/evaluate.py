@@ -141,6 +141,11 @@ def _is_report_of(report: Path, checkpoint: Path) -> bool:
         return False
 
 
+def _normalised(config) -> str:
+    return (f", normalised by the training split's mean {config.normalize_mean} and std {config.normalize_std}"
+            if config.normalize else "")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -148,7 +153,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .cli import build_with_cache_recovery, compile_announcement, print_note
     from .files import json_text, write_text
     from .loop import Evaluation, NumpyLearner, evaluate_batches
-    from .pipeline import Stream, evaluation_batches, generator, load_dataset
+    from .pipeline import Stream, evaluation_batches, generator, load_dataset, load_splits, with_training_statistics
     from .plots import plot_confusion_matrix
     from .recipes import make_config
 
@@ -163,6 +168,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     wanted = args.dataset or trained_on
     try:
         images, labels, dataset, fallback = load_dataset(wanted, data_dir, args.download, train=False)
+        if config.normalize and config.normalize_mean is None:
+            # A checkpoint from before runs saved their statistics: measure its training split again.
+            config = with_training_statistics(config, load_splits(config, trained_on))
     except (OSError, data.DownloadError, ValueError) as error:
         raise RunError(load_error_text(error)) from None
     if len(labels) == 0:
@@ -181,7 +189,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise RunError(f"{path} does not hold LeNet-5 weights: {error}") from None
     out = _output_folder(Path(args.out) if args.out else path.parent)
     test: Evaluation = evaluate_batches(learner, evaluation_batches(
-        images, labels, config, dataset, rng=generator(config.seed, Stream.TEST)))
+        images, labels, config, rng=generator(config.seed, Stream.TEST)))
     matrix = confusion_matrix(labels, test.predictions)
     totals = matrix.sum(axis=1)
     per_class = per_class_accuracy(matrix)
@@ -189,7 +197,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     when = ("" if progress is None else f" (after epoch {progress['epoch']})" if progress["step"] == 0
             else f" (epoch {progress['epoch'] + 1}, after step {progress['step']})")
     print(f"{path}{when} on the {dataset} test set ({len(labels):,} images, {config.eval_crop} crops"
-          f"{', normalised' if config.normalize else ''}):")
+          f"{_normalised(config)}):")
     print(f"test loss {test.loss:.4f}  accuracy {100 * test.accuracy:.2f}% "
           f"({int(np.trace(matrix)):,}/{len(labels):,})")
     for label, accuracy in per_class.items():
@@ -206,7 +214,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = {"checkpoint": str(path), "trained": trained, "dataset": dataset, "dataset_fallback": fallback,
               "test_images": len(labels), "test_loss": test.loss, "test_accuracy": test.accuracy,
               "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist(),
-              "eval_crop": config.eval_crop, "normalize": config.normalize}
+              "eval_crop": config.eval_crop, "normalize": config.normalize,
+              "normalize_mean": config.normalize_mean, "normalize_std": config.normalize_std}
     write_text(out / f"{stem}.json", json_text(report) + "\n")
     print(f"wrote {out / (stem + '-confusion_matrix.png')} and {out / (stem + '.json')}")
     return 0

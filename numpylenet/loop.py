@@ -273,7 +273,7 @@ def fit(learner: Learner, config: TrainConfig, splits: DataSplits, folder: Path,
         # in a default-recipe run it was lowest at epoch 7 of 20 (99.05% valid accuracy; 99.50%
         # at the end), and selecting that epoch cost half a point of test accuracy.
         valid = evaluate_batches(learner, evaluation_batches(
-            splits.valid_images, splits.valid_labels, config, splits.dataset,
+            splits.valid_images, splits.valid_labels, config,
             rng=generator(config.seed, Stream.VALID, epoch)), label_smoothing=config.label_smoothing)
         if not math.isfinite(valid.loss):
             raise DivergedError(f"the validation loss became {valid.loss} after epoch {epoch + 1}")
@@ -318,8 +318,8 @@ def train_epoch(learner: Learner, config: TrainConfig, splits: DataSplits, folde
     with tqdm(total=len(splits.train_images), initial=progress.epoch_images, unit="img",
               unit_scale=True, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
               dynamic_ncols=True) as bar:
-        for step, x, y in training_batches(splits.train_images, splits.train_labels, config,
-                                           splits.dataset, epoch, start_step=progress.step):
+        for step, x, y in training_batches(splits.train_images, splits.train_labels, config, epoch,
+                                           start_step=progress.step):
             lr = learning_rate(config.schedule, epoch * steps_per_epoch + step, total_steps, config.lr)
             loss = learner.train_step(x, y, lr)
             if not math.isfinite(loss):

@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import augment, data
 from .recipes import TrainConfig
 
-__all__ = ["Stream", "generator", "DataSplits", "load_dataset", "load_splits", "transform", "affine_ranges",
-           "training_batches", "evaluation_batches", "num_batches", "EVAL_BATCH_SIZE", "SPLIT_SEED"]
+__all__ = ["Stream", "generator", "DataSplits", "load_dataset", "load_splits", "with_training_statistics",
+           "transform", "affine_ranges", "training_batches", "evaluation_batches", "num_batches",
+           "EVAL_BATCH_SIZE", "SPLIT_SEED"]
 
 EVAL_BATCH_SIZE = 1000
 SPLIT_SEED = 0          # the notebook's split_train_valid_data(random_seed=0)
-MEAN_STD = {"mnist": data.MNIST_MEAN_STD, "mnist-sample": data.MNIST_MEAN_STD,
-            "fashion-mnist": data.FASHION_MNIST_MEAN_STD}
 
 
 class Stream(enum.IntEnum):
@@ -139,7 +138,32 @@ def load_splits(config: TrainConfig, trained_on: str | None = None) -> DataSplit
                       fallback_reason=fallback_reason)
 
 
-def transform(images: np.ndarray, config: TrainConfig, dataset: str, *, train: bool,
+def with_training_statistics(config: TrainConfig, splits: DataSplits) -> TrainConfig:
+    """``config`` with the statistics its normalisation uses: those it holds (set by the user, or
+    saved in the checkpoint a run resumes or evaluates), else the mean and std of the pixels of
+    ``splits``' training images (:func:`data.pixel_mean_std`). A config without normalisation is
+    returned as it is. No recipe knows its data set's statistics: each run measures its own.
+    """
+    if not config.normalize or config.normalize_mean is not None:
+        return config
+    mean, std = data.pixel_mean_std(splits.train_images)
+    if std == 0:
+        raise ValueError(f"the {len(splits.train_images):,} training images are one flat colour "
+                         f"(std 0 at 4 decimals): nothing to normalise by")
+    return replace(config, normalize_mean=mean, normalize_std=std)
+
+
+def _mean_std(config: TrainConfig) -> tuple[float, float] | None:
+    """The (mean, std) that normalises the config's images, or None when it does not normalise."""
+    if not config.normalize:
+        return None
+    if config.normalize_mean is None:
+        raise ValueError("the config normalises but holds no statistics yet: "
+                         "pass it through with_training_statistics(config, splits) first")
+    return config.normalize_mean, config.normalize_std
+
+
+def transform(images: np.ndarray, config: TrainConfig, *, train: bool,
               rng: np.random.Generator | None) -> np.ndarray:
     """uint8 images (N, 28, 28) -> the model's float input (N, 1, 32, 32), as the recipe says.
 
@@ -148,8 +172,9 @@ def transform(images: np.ndarray, config: TrainConfig, dataset: str, *, train: b
     horizontal flip; for "affine" the image centred in 32x32, then (after ``x / 255``) a random
     affine distortion (:func:`numpylenet.augment.random_affine` with the config's ranges).
     Evaluation images: centred in 32x32, or for ``eval_crop="random"`` the same random crop.
-    Then ``x / 255`` and, when ``config.normalize``, ``(x - mean) / std`` with the data set's mean
-    and std (for uint8 pixels both at once, by looking each value up in :func:`data.pixel_table`).
+    Then ``x / 255`` and, when ``config.normalize``, ``(x - mean) / std`` with the config's
+    ``normalize_mean`` and ``normalize_std`` (see :func:`with_training_statistics`; for uint8 pixels
+    both steps at once, by looking each value up in :func:`data.pixel_table`).
     ``rng`` may be None when nothing is random (no augmentation, centred evaluation).
     """
     if images.dtype != np.uint8:
@@ -158,7 +183,7 @@ def transform(images: np.ndarray, config: TrainConfig, dataset: str, *, train: b
     if train and config.augment and config.augmentation == "affine":
         x = data.to_float(data.pad_to(images, 32), dtype=np.dtype(config.dtype))
         x = augment.random_affine(x, affine_ranges(config), rng)
-        return data.normalize(x, *MEAN_STD[dataset]) if config.normalize else x
+        return data.normalize(x, *_mean_std(config)) if config.normalize else x
     if train and config.augment:
         images = data.random_crop(images, size=32, padding=4, rng=rng)
         if config.augmentation == "crop-flip":
@@ -167,7 +192,7 @@ def transform(images: np.ndarray, config: TrainConfig, dataset: str, *, train: b
         images = data.random_crop(images, size=32, padding=4, rng=rng)
     else:
         images = data.pad_to(images, 32)
-    table = data.pixel_table(np.dtype(config.dtype), MEAN_STD[dataset] if config.normalize else None)
+    table = data.pixel_table(np.dtype(config.dtype), _mean_std(config))
     return np.take(table, images)[:, np.newaxis]
 
 
@@ -184,7 +209,7 @@ def num_batches(num_items: int, batch_size: int) -> int:
     return -(-num_items // batch_size)
 
 
-def training_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig, dataset: str,
+def training_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig,
                      epoch: int, start_step: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(step, x, y)`` for epoch ``epoch`` (0-based), from step ``start_step`` on.
 
@@ -198,11 +223,11 @@ def training_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig
             continue
         # Without augmentation the transform draws nothing: skip making its generator (~13 us a step).
         rng = generator(config.seed, Stream.AUGMENT, epoch, step) if config.augment else None
-        x = transform(images[indices], config, dataset, train=True, rng=rng)
+        x = transform(images[indices], config, train=True, rng=rng)
         yield step, x, labels[indices]
 
 
-def evaluation_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig, dataset: str,
+def evaluation_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig,
                        rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(x, y)`` batches of up to EVAL_BATCH_SIZE images in order, transformed for evaluation.
 
@@ -210,4 +235,4 @@ def evaluation_batches(images: np.ndarray, labels: np.ndarray, config: TrainConf
     """
     for start in range(0, len(images), EVAL_BATCH_SIZE):
         chunk = slice(start, start + EVAL_BATCH_SIZE)
-        yield transform(images[chunk], config, dataset, train=False, rng=rng), labels[chunk]
+        yield transform(images[chunk], config, train=False, rng=rng), labels[chunk]

@@ -61,6 +61,7 @@ class TrainConfig:
     eval_crop : "center" (zero-pad 28 -> 32) or "random" (the notebook's random crop, also applied
         to validation and test images)
     normalize : subtract the training set's mean pixel and divide by its standard deviation
+        (``normalize_mean`` and ``normalize_std``)
     activation, pool, dtype : the LeNet5 configuration
     backend : compute backend of LeNet5, or None for the library's default
     threads : threads for the compute kernels and BLAS, or None to leave them alone
@@ -77,6 +78,10 @@ class TrainConfig:
         zoom in [1 - scale, 1 + scale], x-shear in [-shear, shear] degrees
     nesterov : Nesterov momentum for SGD (``torch.optim.SGD(nesterov=True)``); like ``momentum``,
         ignored by Adam
+    normalize_mean, normalize_std : the statistics ``normalize`` uses, on the [0, 1] pixel scale;
+        None (both): the run computes them from its own training split
+        (:func:`numpylenet.pipeline.with_training_statistics`) and its checkpoints keep them, so
+        a checkpoint is evaluated and resumed with the statistics it was trained with
 
     The fields from ``label_smoothing`` on were added after the first release; their defaults
     are the behaviour before them, so older ``config.json`` files and checkpoints still load.
@@ -111,6 +116,8 @@ class TrainConfig:
     affine_scale: float = 0.0
     affine_shear: float = 0.0
     nesterov: bool = False
+    normalize_mean: float | None = None
+    normalize_std: float | None = None
 
 
 # The settings a resumed run may change (``--resume ... --epochs 30``): they change neither which
@@ -236,7 +243,13 @@ def _check(config: TrainConfig) -> None:
              "affine_degrees": (lambda v: 0 <= v <= 180, "in [0, 180]"),
              "affine_translate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
              "affine_scale": (lambda v: 0 <= v < 1, "in [0, 1)"),
-             "affine_shear": (lambda v: 0 <= v < 90, "in [0, 90)")}
+             "affine_shear": (lambda v: 0 <= v < 90, "in [0, 90)"),
+             "normalize_mean": (lambda v: v is None or math.isfinite(v), "a finite number"),
+             "normalize_std": (lambda v: v is None or 0 < v < math.inf, "> 0 and finite")}
     for name, (ok, requirement) in rules.items():
         if not ok(getattr(config, name)):
             raise ValueError(f"{name} must be {requirement}, got {getattr(config, name)!r}")
+    if (config.normalize_mean is None) != (config.normalize_std is None):
+        raise ValueError("normalize_mean and normalize_std must be set together, or both left None "
+                         f"(computed from the training split), got {config.normalize_mean!r} and "
+                         f"{config.normalize_std!r}")

@@ -340,7 +340,7 @@ def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoi
     from .cli import build_with_cache_recovery, compile_announcement
     from .data import DownloadError
     from .loop import NumpyLearner
-    from .pipeline import load_splits, num_batches
+    from .pipeline import load_splits, num_batches, with_training_statistics
 
     if config.threads is not None:
         # config.json records the threads the run computes with, not more than it can use.
@@ -351,6 +351,8 @@ def _prepare(args: argparse.Namespace, config: TrainConfig, checkpoint: Checkpoi
             config = replace(config, threads=limit)
     try:
         splits = load_splits(config, checkpoint.progress["dataset"] if checkpoint else None)
+        # A resumed run keeps its checkpoint's statistics; a new one measures its training split.
+        config = with_training_statistics(config, splits)
     except (OSError, DownloadError, ValueError) as error:
         raise RunError(load_error_text(error)) from None
     try:
@@ -498,10 +500,13 @@ def _announce(session: Session, prog: str) -> None:
     # plain cross-entropy, comparable across recipes.
     smoothing = (f", label smoothing {config.label_smoothing:g} (train and valid losses; not the test loss)"
                  if config.label_smoothing else "")
+    normalised = (f", normalised by mean {config.normalize_mean} std {config.normalize_std}"
+                  if config.normalize else "")
     print(f"recipe {config.recipe} on {splits.dataset}: {len(splits.train_images):,} train / "
           f"{len(splits.valid_images):,} valid / {len(splits.test_images):,} test images; "
           f"{config.optimizer} {schedule}lr {config.lr:g}, batch {config.batch_size}, "
-          f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}, augment {augment}{smoothing}, "
+          f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}, augment {augment}{smoothing}"
+          f"{normalised}, "
           f"{config.activation}/{config.pool} {config.dtype}, {learner.framework} ({learner.backend}); "
           f"run folder {session.folder}", flush=True)
     if learner.compile_seconds > 0.5:
@@ -648,7 +653,7 @@ def _finish(session: Session, session_seconds: float) -> dict:
     progress, history = session.progress, session.history
     weights_used, best_epoch = _test_weights(session)
     test = evaluate_batches(learner, evaluation_batches(splits.test_images, splits.test_labels, config,
-                                                        splits.dataset, rng=generator(config.seed, Stream.TEST)))
+                                                        rng=generator(config.seed, Stream.TEST)))
     matrix = confusion_matrix(splits.test_labels, test.predictions)
     speeds = [r["train_images_per_second"] for r in history if r.get("train_images_per_second") is not None]
     summary = {
@@ -674,7 +679,7 @@ def _finish(session: Session, session_seconds: float) -> dict:
     # The notebook's last cell: 25 random test images, freshly transformed, with their predictions.
     chosen = generator(config.seed, Stream.PREVIEW).choice(len(splits.test_images),
                                                             min(25, len(splits.test_images)), replace=False)
-    x = transform(splits.test_images[chosen], config, splits.dataset, train=False,
+    x = transform(splits.test_images[chosen], config, train=False,
                   rng=generator(config.seed, Stream.PREVIEW, 1))
     plots.plot_predictions(x[:, 0], splits.test_labels[chosen], learner.logits(x).argmax(axis=1),
                            folder / "predictions.png")

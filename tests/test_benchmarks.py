@@ -338,15 +338,16 @@ def test_the_jax_learner_trains_a_recipe_as_torch_does(recipe, overrides, rel):
     pytest.importorskip("jax")
     pytest.importorskip("optax")
     pytest.importorskip("torch")
-    from numpylenet.pipeline import load_splits, training_batches
+    from numpylenet.pipeline import load_splits, training_batches, with_training_statistics
     from numpylenet.recipes import make_config
     from reference.train import TorchLearner
 
     config = make_config(recipe, dataset="mnist-sample", download=False, limit_train=320, batch_size=32,
                          **overrides)
     splits = load_splits(config)
+    config = with_training_statistics(config, splits)
     torch_learner, jax_learner = TorchLearner(config), peers.JaxLearner(config)
-    for step, x, y in training_batches(splits.train_images, splits.train_labels, config, splits.dataset, 0):
+    for step, x, y in training_batches(splits.train_images, splits.train_labels, config, 0):
         lr = config.lr * (step + 1) / 10                 # a rate that changes every step, as a schedule's
         assert jax_learner.train_step(x, y, lr) == pytest.approx(torch_learner.train_step(x, y, lr), rel=rel)
     expected = torch_learner.logits(x)
@@ -466,6 +467,9 @@ def test_parity_reuses_a_saved_run_only_while_its_recipe_is_unchanged(tmp_path):
     ("step", ["--threads", "two"], "--threads: expected an integer >= 1, got 'two'"),
     ("layers", ["--clock-ghz", "fast"], "--clock-ghz: expected a finite number > 0, got 'fast'"),
     ("layers", ["--clock-ghz", "inf"], "--clock-ghz: must be a finite number > 0, got inf"),
+    ("time_to_accuracy", ["--seeds", "-1"], "--seeds: must be an integer >= 0, got -1"),
+    ("time_to_accuracy", ["--evaluations", "-2"], "--evaluations: must be an integer >= 1, got -2"),
+    ("parity", ["--seeds", "0", "-1"], "--seeds: must be an integer >= 0, got -1"),
 ])
 def test_benchmark_flags_that_cannot_run_are_one_line_errors(tmp_path, module, flags, named):
     """A negative clock would print a negative peak, 0 FLOP/cycle was replaced silently by the detected
@@ -476,6 +480,15 @@ def test_benchmark_flags_that_cannot_run_are_one_line_errors(tmp_path, module, f
     assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quick_changes_defaults_not_the_counts_given(tmp_path):
+    """--quick --batch-sizes 3 --repeats 2 timed batch 1 and 32 once: the flags were dropped silently."""
+    from benchmarks import step
+
+    result = step.main(["--quick", "--batch-sizes", "3", "5", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)])
+    assert result["batch_sizes"] == [3, 5] and result["meta"]["repeats"] == 2
+    assert {row["batch_size"] for row in result["rows"]} == {3, 5}
 
 
 @pytest.mark.parametrize("module", ["step", "time_to_accuracy"])

@@ -201,8 +201,8 @@ def test_old_checkpoint_without_the_newer_settings_loads(parts, tmp_path):
     content = json.loads(json.dumps(parts))
     for name in NEWER_SETTINGS:
         del content["config"][name]
-    assert NEWER_SETTINGS <= {"label_smoothing", "nesterov"} | {f"affine_{name}" for name in
-                                                                ("degrees", "translate", "scale", "shear")}
+    assert NEWER_SETTINGS <= {"label_smoothing", "nesterov", "normalize_mean", "normalize_std"} | {
+        f"affine_{name}" for name in ("degrees", "translate", "scale", "shear")}
     checkpoint = load_checkpoint(write(tmp_path / "old.npz", **content))
     assert not NEWER_SETTINGS & checkpoint.config.keys()
 

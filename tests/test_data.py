@@ -28,6 +28,8 @@ from numpylenet import data
 from numpylenet.data import IDXFormatError, read_idx, write_idx
 
 REPO = Path(__file__).resolve().parent.parent
+# MNIST's and Fashion-MNIST's statistics as published (over their 60,000 training images): test inputs.
+PUBLISHED_MEAN_STD = [(0.1307, 0.3081), (0.2860, 0.3530)]
 
 
 def torchvision_functional():
@@ -700,7 +702,7 @@ def test_normalize_matches(digits):
     import torch
     for dtype in (np.float32, np.float64):
         x = data.to_float(digits, dtype)
-        for mean, std in (data.MNIST_MEAN_STD, data.FASHION_MNIST_MEAN_STD):
+        for mean, std in PUBLISHED_MEAN_STD:
             expected = F.normalize(torch.from_numpy(x), [mean], [std]).numpy()
             np.testing.assert_array_equal(data.normalize(x, mean, std), expected)
     x3 = np.random.default_rng(3).random((2, 3, 4, 4)).astype(np.float32)
@@ -718,6 +720,38 @@ def test_normalize_matches(digits):
         data.normalize(digits[:, None], 0.5, 0.5)
 
 
+def test_pixel_mean_std_by_hand_and_against_a_float_copy():
+    half_black_half_white = np.array([[0, 255], [255, 0]], np.uint8)
+    assert data.pixel_mean_std(half_black_half_white) == (0.5, 0.5)
+    assert data.pixel_mean_std(np.full((3, 28, 28), 51, np.uint8)) == (0.2, 0.0)
+    images = np.random.default_rng(5).integers(0, 256, (40, 28, 28)).astype(np.uint8)
+    scaled = images.astype(np.float64) / 255
+    assert data.pixel_mean_std(images) == (round(scaled.mean(), 4), round(scaled.std(), 4))
+    for bad in (images.astype(np.float32), np.zeros((0, 28, 28), np.uint8)):
+        with pytest.raises(ValueError, match="uint8"):
+            data.pixel_mean_std(bad)
+
+
+def test_normalisation_statistics_are_set_together_and_sane():
+    from numpylenet.pipeline import DataSplits, transform, with_training_statistics
+    from numpylenet.recipes import make_config
+
+    for bad in (dict(normalize_mean=0.1), dict(normalize_std=0.3), dict(normalize_mean=0.1, normalize_std=0.0),
+                dict(normalize_mean=float("nan"), normalize_std=0.3)):
+        with pytest.raises(ValueError, match="normalize_"):
+            make_config("speedrun", **bad)
+    flat = np.full((10, 28, 28), 7, np.uint8)
+    splits = DataSplits("mnist", flat, np.zeros(10, np.int64), flat, np.zeros(10, np.int64), flat, np.zeros(10, np.int64))
+    with pytest.raises(ValueError, match="std 0"):
+        with_training_statistics(make_config("speedrun"), splits)
+    with pytest.raises(ValueError, match="no statistics"):    # the stats were never measured
+        transform(flat, make_config("speedrun"), train=False, rng=None)
+    given = make_config("speedrun", normalize_mean=0.5, normalize_std=0.25)
+    assert with_training_statistics(given, splits) is given       # the user's (or checkpoint's) are kept
+    np.testing.assert_allclose(transform(flat, given, train=False, rng=None)[0, 0, 16, 16], (7 / 255 - 0.5) / 0.25,
+                               rtol=1e-6)
+
+
 def test_pixel_table_matches_to_tensor_and_normalize():
     F = torchvision_functional()
     import torch
@@ -725,16 +759,15 @@ def test_pixel_table_matches_to_tensor_and_normalize():
     for dtype, torch_dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
         scaled = torch.from_numpy(every_value).to(torch_dtype).div(255)[None]  # ToTensor, (1, 1, 16, 16)
         np.testing.assert_array_equal(np.take(data.pixel_table(dtype), every_value)[None], scaled.numpy())
-        for mean, std in (data.MNIST_MEAN_STD, data.FASHION_MNIST_MEAN_STD):
+        for mean, std in PUBLISHED_MEAN_STD:
             lookup = np.take(data.pixel_table(dtype, (mean, std)), every_value)[None]
             np.testing.assert_array_equal(lookup, F.normalize(scaled, [mean], [std]).numpy())  # bit for bit
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("normalize", [True, False])
-# Each data set with its own published statistics (those of its 60,000 training images)
-@pytest.mark.parametrize("dataset, mean, std", [("mnist", 0.1307, 0.3081), ("fashion-mnist", 0.2860, 0.3530)])
-def test_evaluation_transform_matches_torchvision(digits, dtype, normalize, dataset, mean, std):
+@pytest.mark.parametrize("mean, std", PUBLISHED_MEAN_STD)
+def test_evaluation_transform_matches_torchvision(digits, dtype, normalize, mean, std):
     """pipeline.transform's centred images = CenterCrop(32) (which pads), ToTensor, Normalize."""
     F = torchvision_functional()
     import torch
@@ -742,7 +775,7 @@ def test_evaluation_transform_matches_torchvision(digits, dtype, normalize, data
     from numpylenet.pipeline import transform
     from numpylenet.recipes import make_config
 
-    config = make_config("speedrun", dtype=dtype, normalize=normalize)
+    config = make_config("speedrun", dtype=dtype, normalize=normalize, normalize_mean=mean, normalize_std=std)
 
     def torchvision(image):
         # ToTensor's img.to(dtype).div(255), in the run's dtype
@@ -751,7 +784,7 @@ def test_evaluation_transform_matches_torchvision(digits, dtype, normalize, data
 
     expected = np.stack([torchvision(image) for image in digits])
     for train in (True, False):  # speedrun trains on the centred images too (no augmentation)
-        ours = transform(digits, config, dataset, train=train, rng=None)
+        ours = transform(digits, config, train=train, rng=None)
         assert ours.shape == (len(digits), 1, 32, 32) and ours.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(ours, expected)
 
@@ -765,13 +798,13 @@ def epoch_order(config, images, epoch):
     from numpylenet.pipeline import training_batches
 
     labels = np.arange(len(images), dtype=np.int64)
-    return np.concatenate([y for _, _, y in training_batches(images, labels, config, "mnist", epoch)])
+    return np.concatenate([y for _, _, y in training_batches(images, labels, config, epoch)])
 
 
 def test_every_epoch_visits_every_image_once_in_a_fresh_order():
     from numpylenet.recipes import make_config
 
-    config = make_config("speedrun", augment=False, batch_size=7, seed=3)
+    config = make_config("speedrun", augment=False, normalize=False, batch_size=7, seed=3)
     images = indexed_images(50)
     orders = [epoch_order(config, images, epoch) for epoch in range(4)]
     assert all(sorted(order) == list(range(50)) for order in orders)   # short last batch included
@@ -786,10 +819,10 @@ def test_augmentation_is_drawn_afresh_each_epoch_at_the_same_step():
     from numpylenet.pipeline import training_batches
     from numpylenet.recipes import make_config
 
-    config = make_config("speedrun", augment=True, augmentation="shift", batch_size=1, seed=0)
+    config = make_config("speedrun", augment=True, augmentation="shift", normalize=False, batch_size=1, seed=0)
     image = np.zeros((1, 28, 28), np.uint8)
     image[0, 10:18, 10:18] = 255
-    shifted = [next(training_batches(image, np.zeros(1, np.int64), config, "mnist", epoch))[1]
+    shifted = [next(training_batches(image, np.zeros(1, np.int64), config, epoch))[1]
                for epoch in range(8)]
     # 25 possible offsets: eight epochs all alike would be a (1/25)^7 event.
     assert len({x.tobytes() for x in shifted}) > 1
@@ -801,7 +834,7 @@ def test_evaluation_batches_hold_every_image_once_in_order():
 
     count = 2 * EVAL_BATCH_SIZE + 37
     batches = list(evaluation_batches(indexed_images(count), np.arange(count), make_config("speedrun", normalize=False),
-                                      "mnist", rng=None))
+                                      rng=None))
     assert [len(y) for _, y in batches] == [EVAL_BATCH_SIZE, EVAL_BATCH_SIZE, 37]
     np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(count))
     centres = np.concatenate([x[:, 0, 16, 16] for x, _ in batches])        # pixel value / 255
@@ -891,7 +924,7 @@ def test_the_pipeline_transform_refuses_images_that_are_not_uint8(digits):
 
     for recipe in ("seed", "default"):  # a crop-and-lookup recipe, an affine one
         with pytest.raises(ValueError, match="uint8"):
-            transform(digits / 255, make_config(recipe), "mnist", train=True, rng=np.random.default_rng(0))
+            transform(digits / 255, make_config(recipe), train=True, rng=np.random.default_rng(0))
 
 
 def test_transforms_reject_bad_input(digits):

@@ -78,6 +78,19 @@ def test_the_tour_names_code():
     assert len(code_references(TOUR)) >= 30, "the reference pattern no longer matches the tour's references"
 
 
+def test_the_tour_s_kernel_table_names_kernels_that_exist():
+    """The tour's layer -> kernel table names kernels without a path (the reference check above
+    does not see them): each Numba column name must be a function of numpylenet/kernels.py."""
+    pytest.importorskip("numba")
+    from numpylenet import kernels
+
+    header = "| layer | NumPy | Numba forward | Numba backward |"
+    rows = TOUR.split(header, 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]   # after |---|
+    names = [name for row in rows for cell in row.strip("|").split("|")[2:] for name in re.findall(r"`(\w+)`", cell)]
+    assert len(names) >= 9, rows
+    assert [name for name in names if not callable(getattr(kernels, name, None))] == []
+
+
 def notebook_markdown() -> list[str]:
     """The notebook's Markdown cells (its source's ``# %% [markdown]`` cells, comment marks removed)."""
     parts = re.split(r"^(# %%.*)$", NOTEBOOK_SOURCE, flags=re.MULTILINE)[1:]   # marker, body, marker, ...

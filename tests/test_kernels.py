@@ -738,7 +738,7 @@ def test_compile_refuses_an_unknown_optimizer():
         engine.NumbaLeNet5.compile(np.float32, "rmsprop")
 
 
-@pytest.mark.parametrize("dtype", ["float16", np.int64, ">f4"])
+@pytest.mark.parametrize("dtype", ["float16", np.int64, ">f4", "nope", np.float16])
 def test_compile_refuses_a_dtype_the_kernels_do_not_run(dtype):
     """float16 reached Numba, which printed 240 lines of typing errors."""
     with pytest.raises(ValueError, match="the numba kernels run float32 or float64"):
@@ -750,7 +750,9 @@ def test_warmup_takes_one_dtype_name_as_that_dtype(monkeypatch):
     compiled = []
     monkeypatch.setattr(engine.NumbaLeNet5, "compile", classmethod(lambda cls, dtype, **_: compiled.append(dtype)))
     engine.warmup("float32")
-    assert compiled == ["float32"]
+    engine.warmup(np.float64)        # a dtype object too: it was iterated ('type' object is not iterable)
+    engine.warmup(np.dtype("float32"))
+    assert compiled == ["float32", np.float64, np.dtype("float32")]
 
 
 def test_warmup_compiles_everything_a_training_step_runs():

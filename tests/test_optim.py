@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 from helpers import assert_close  # noqa: E402
 from numpylenet import SGD, Adam, LeNet5, softmax_cross_entropy  # noqa: E402
 from numpylenet.backend import numba_unavailable_reason  # noqa: E402
+from numpylenet.names import BACKEND_NAMES  # noqa: E402
 from reference import TorchLeNet5, copy_torch_to_numpy  # noqa: E402
 
 TRAJECTORY_TOLERANCE = 1e-8
@@ -143,7 +144,7 @@ def test_the_same_parameter_twice_is_refused(kind):
         OPTIMIZERS[kind][0](params + params[:1], lr=0.1)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_a_zero_dimensional_array_or_tensor_is_a_learning_rate(backend):
     """What torch accepts as one number (a 0-d tensor), and a NumPy scalar, train as that number."""
     results = []

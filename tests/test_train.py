@@ -29,6 +29,7 @@ from numpylenet.cli import confusion_matrix, per_class_accuracy
 from numpylenet.evaluate import main as evaluate_main
 from numpylenet.loop import NumpyLearner, Terminated
 from numpylenet.data import load_mnist, write_idx
+from numpylenet.names import BACKEND_NAMES, OPTIMIZER_NAMES
 from numpylenet.recipes import RECIPES, TrainConfig, make_config
 from numpylenet.train import FIGURES, main as train_main
 
@@ -79,7 +80,7 @@ def test_config_json_holds_every_setting(run):
     assert config["resolved"]["dataset"] == "mnist-sample" and config["resolved"]["train_images"] == 512
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_config_json_records_the_threads_the_run_computes_with(capsys, tmp_path, backend):
     """resolved.threads: --threads as given, at most the cores; resolved.numba: its version;
     resolved.command: the command as typed, to run again (not sys.argv, which names train.py)."""
@@ -184,17 +185,55 @@ def test_recipe_runs_unchanged_on_each_dataset(capsys, tmp_path, recipe, dataset
     assert losses == sorted(losses, reverse=True) and summary["test_accuracy"] > 0.2, (losses, summary)
 
 
+def test_a_run_normalises_by_its_own_training_split_and_its_checkpoint_keeps_the_statistics(capsys, tmp_path):
+    """No recipe knows a data set's statistics: a run on synthetic Fashion-MNIST (pixels far from
+    the real set's 0.2860, 0.3530) measures its own training split; evaluate reuses the checkpoint's
+    statistics on another data set, and re-measures them for a checkpoint from before they were saved."""
+    from numpylenet import data
+    from numpylenet.checkpoint import save_checkpoint
+
+    root = fashion_mnist_root(tmp_path / "data")
+    code, out, _ = train(capsys, "--recipe", "speedrun", "--dataset", "fashion-mnist", "--data-dir", root,
+                         "--limit-train", "256", "--epochs", "1", "--no-download", "--out", tmp_path / "run")
+    assert code == 0
+    images, _ = data.load_mnist(root, train=True, dataset="fashion-mnist")
+    trained_on = images[data.split_train_valid(len(images), 0.1, seed=0)[0][:256]] / 255
+    expected = {"normalize_mean": round(trained_on.mean(), 4), "normalize_std": round(trained_on.std(), 4)}
+    assert expected["normalize_mean"] not in (0.1307, 0.2860)      # not a published statistic
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {name: config[name] for name in expected} == expected
+    assert {name: saved(tmp_path / "run" / "best.npz", "config")[name] for name in expected} == expected
+    assert f"normalised by mean {expected['normalize_mean']} std {expected['normalize_std']}" in out
+
+    def evaluated(checkpoint, name):
+        code, _, _ = run_evaluate(capsys, checkpoint, "--dataset", "mnist-sample", "--out", tmp_path / name)
+        assert code == 0
+        return json.loads(next((tmp_path / name).glob("eval-*.json")).read_text())
+
+    report = evaluated(tmp_path / "run" / "best.npz", "eval")
+    assert {name: report[name] for name in expected} == expected     # not mnist-sample's own
+    old = load_checkpoint(tmp_path / "run" / "best.npz", training_state=False)
+    old.config = {name: value for name, value in old.config.items() if name not in expected}
+    save_checkpoint(tmp_path / "old.npz", old)
+    old_report = evaluated(tmp_path / "old.npz", "eval-old")
+    assert {name: old_report[name] for name in expected} == expected
+    assert old_report["test_loss"] == report["test_loss"]
+
+
 def test_configs_saved_before_the_new_settings_still_load():
     """A config.json from before label smoothing and the affine ranges existed lacks those keys:
     it loads, and they take the values that reproduce the old behaviour."""
     old = {name: value for name, value in dataclasses.asdict(make_config("default")).items()
            if name not in NEW_SETTINGS}
     config = make_config("default", base=old)
-    assert all(getattr(config, name) == 0 for name in NEW_SETTINGS) and config.nesterov is False
+    assert all(getattr(config, name) == 0 for name in NEW_SETTINGS if name.startswith(("label", "affine")))
+    assert config.nesterov is False
+    # no statistics saved: the run measures its training split, as runs did before they were saved
+    assert config.normalize_mean is None and config.normalize_std is None
 
 
 NEW_SETTINGS = ("label_smoothing", "affine_degrees", "affine_translate", "affine_scale", "affine_shear",
-                "nesterov")
+                "nesterov", "normalize_mean", "normalize_std")
 
 
 class LossIsTheBatchSize(NumpyLearner):
@@ -622,7 +661,7 @@ def test_one_cycle_schedule_matches_torch():
 
 
 @needs_torch
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
 def test_the_torch_learner_resumed_from_its_state_continues_as_if_never_stopped(optimizer):
     """reference.train's learner saved after 3 steps and restored continues as the uninterrupted
     one: torch's own optimiser, whose Adam needs the step count back for its bias correction."""
