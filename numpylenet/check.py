@@ -50,10 +50,11 @@ __all__ = ["main", "build_parser", "LAYER_CASES", "GROUPS"]
 PROG = "python -m numpylenet.check"
 NEEDS_TORCH = 'for the comparisons with torch, install it: pip install -e ".[reference]"'
 # The whole network against torch as the seed notebook builds it; against finite differences with
-# smooth activations and max pooling, since a ReLU kink inside a difference step of 1e-4 would
-# make the numerical gradient wrong, not ours (and max pooling's routing is worth checking).
+# a smooth activation and average pooling: a ReLU kink, or a max-pooling window whose two largest
+# inputs lie within the difference step, makes the numerical gradient wrong, not ours. With tanh
+# and max pooling that happened for 19 of seeds 0-29 (saturated tanh outputs tie at exactly 1).
 LENET5_TORCH = ("relu", "avg")
-LENET5_FINITE_DIFFERENCES = ("tanh", "max")
+LENET5_FINITE_DIFFERENCES = ("tanh", "avg")
 LENET5_BATCH = 2
 # Two steps, so the second uses the state the first left (Adam's moments, SGD's momentum).
 OPTIMIZER_STEPS = 2

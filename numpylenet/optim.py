@@ -86,9 +86,11 @@ class Optimizer:
     Subclasses list their state buffers in ``buffer_names``; each is a list with one array per
     parameter (or ``None`` before the first step), so ``state_dict`` can save them as flat arrays
     named ``"<buffer>.<index>"`` that ``np.savez`` stores and ``np.load`` reads without pickle.
+    Those in ``non_negative_buffers`` (running means of squares) cannot hold a negative value.
     """
 
     buffer_names: tuple[str, ...] = ()
+    non_negative_buffers: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable[Parameter], lr: float):
         self.params = list(params)
@@ -156,6 +158,9 @@ class Optimizer:
                 raise ValueError(f"optimizer state {key!r} has shape {np.shape(value)}, "
                                  f"expected {param.data.shape}")
             buffers[name][index] = weights_as(value, param.data.dtype, "optimizer state", key)
+            if name in self.non_negative_buffers and (buffers[name][index] < 0).any():
+                # sqrt of it would be NaN at the next step: a corrupt state, not a diverged run
+                raise ValueError(f"optimizer state {key!r} holds negative values; it is a mean of squares")
         for index in range(len(self.params)):
             held = [name for name in self.buffer_names if buffers[name][index] is not None]
             if held and len(held) < len(self.buffer_names):
@@ -232,6 +237,7 @@ class Adam(Optimizer):
     """
 
     buffer_names = ("exp_avg", "exp_avg_sq")
+    non_negative_buffers = ("exp_avg_sq",)
 
     def __init__(self, params: Iterable[Parameter], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

@@ -9,6 +9,8 @@ values are handed out. Every failure is a ValueError of one line.
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -35,12 +37,18 @@ def load_notebook_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         are not finite float32/float64, or is not the notebook's LeNet.
     """
     try:
-        with open_regular(path) as file:
+        with open_regular(path) as file, warnings.catch_warnings():
+            # torch warns of old pickle protocols before failing on them: the error below says it once
+            warnings.simplefilter("ignore")
             state = torch.load(file, map_location="cpu", weights_only=True)
     except OSError as error:
         raise ValueError(str(error)) from None
     except Exception as error:   # whatever a damaged or hostile file makes torch's reader raise
-        raise ValueError(f"cannot read {path} as a torch state_dict ({_reason(error)})") from None
+        legacy = "" if zipfile.is_zipfile(path) else (
+            "; not the zip format torch.save writes by default: a file saved with "
+            "_use_new_zipfile_serialization=False, or not torch's, which cannot be read without unpickling "
+            "arbitrary objects (re-save it with torch.save's defaults)")
+        raise ValueError(f"cannot read {path} as a torch state_dict ({_reason(error)}){legacy}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state_dict (a dict of tensors)")
     arrays = {}
@@ -66,7 +74,7 @@ def load_notebook_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # Lines of torch.load's messages that advise loading with weights_only=False: never passed on.
 ADVICE = ("weights_only", "Weights only load failed", "arbitrary code", "trusted source",
-          "Check the documentation", "Please file an issue")
+          "Check the documentation", "Please file an issue", "safe_globals", "trust this class")
 
 
 def _reason(error: Exception) -> str:

@@ -264,6 +264,7 @@ def test_optimizer_load_state_dict_rejects_foreign_state():
     pytest.param(lambda s: s.update({"exp_avg.0": s["exp_avg.0"].astype(np.complex128)}), "exp_avg.0",
                  id="complex_buffer"),
     pytest.param(lambda s: s.pop("exp_avg_sq.3"), "has exp_avg.3 but not exp_avg_sq.3", id="half_a_pair"),
+    pytest.param(lambda s: s["exp_avg_sq.2"].__setitem__(0, -1.0), "exp_avg_sq.2' holds negative", id="negative_square"),
 ])
 def test_optimizer_load_state_dict_rejects_bad_values(change, message):
     """A documented ValueError (never a TypeError) naming the entry, and the old state kept."""
