@@ -141,11 +141,6 @@ def _is_report_of(report: Path, checkpoint: Path) -> bool:
         return False
 
 
-def _normalised(config) -> str:
-    return (f", normalised by the training split's mean {config.normalize_mean} and std {config.normalize_std}"
-            if config.normalize else "")
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -153,7 +148,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .cli import build_with_cache_recovery, compile_announcement, print_note
     from .files import json_text, write_text
     from .loop import Evaluation, NumpyLearner, evaluate_batches
-    from .pipeline import Stream, evaluation_batches, generator, load_dataset, load_splits, with_training_statistics
+    from .pipeline import (Stream, evaluation_batches, generator, load_dataset, load_splits, normalisation_text,
+                           with_training_statistics)
     from .plots import plot_confusion_matrix
     from .recipes import make_config
 
@@ -197,7 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     when = ("" if progress is None else f" (after epoch {progress['epoch']})" if progress["step"] == 0
             else f" (epoch {progress['epoch'] + 1}, after step {progress['step']})")
     print(f"{path}{when} on the {dataset} test set ({len(labels):,} images, {config.eval_crop} crops"
-          f"{_normalised(config)}):")
+          f"{normalisation_text(config)}):")
     print(f"test loss {test.loss:.4f}  accuracy {100 * test.accuracy:.2f}% "
           f"({int(np.trace(matrix)):,}/{len(labels):,})")
     for label, accuracy in per_class.items():

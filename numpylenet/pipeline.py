@@ -27,6 +27,7 @@ from . import augment, data
 from .recipes import TrainConfig
 
 __all__ = ["Stream", "generator", "DataSplits", "load_dataset", "load_splits", "with_training_statistics",
+           "normalisation_text",
            "transform", "affine_ranges", "training_batches", "evaluation_batches", "num_batches",
            "EVAL_BATCH_SIZE", "SPLIT_SEED"]
 
@@ -161,6 +162,12 @@ def _mean_std(config: TrainConfig) -> tuple[float, float] | None:
         raise ValueError("the config normalises but holds no statistics yet: "
                          "pass it through with_training_statistics(config, splits) first")
     return config.normalize_mean, config.normalize_std
+
+
+def normalisation_text(config: TrainConfig) -> str:
+    """", normalised by mean M std S" for a config that normalises, else "": the statistics a run
+    or an evaluation says it uses."""
+    return f", normalised by mean {config.normalize_mean} std {config.normalize_std}" if config.normalize else ""
 
 
 def transform(images: np.ndarray, config: TrainConfig, *, train: bool,

@@ -482,7 +482,7 @@ def _report_epoch(record: dict, session: Session) -> None:
 def _announce(session: Session, prog: str) -> None:
     """Say what is about to happen - and, loudly, when the data is only the bundled sample or the
     run has too few steps to train anything."""
-    from .pipeline import num_batches
+    from .pipeline import normalisation_text, num_batches
     from .schedule import too_few_steps
 
     config, splits, learner, progress = session.config, session.splits, session.learner, session.progress
@@ -500,13 +500,11 @@ def _announce(session: Session, prog: str) -> None:
     # plain cross-entropy, comparable across recipes.
     smoothing = (f", label smoothing {config.label_smoothing:g} (train and valid losses; not the test loss)"
                  if config.label_smoothing else "")
-    normalised = (f", normalised by mean {config.normalize_mean} std {config.normalize_std}"
-                  if config.normalize else "")
     print(f"recipe {config.recipe} on {splits.dataset}: {len(splits.train_images):,} train / "
           f"{len(splits.valid_images):,} valid / {len(splits.test_images):,} test images; "
           f"{config.optimizer} {schedule}lr {config.lr:g}, batch {config.batch_size}, "
           f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}, augment {augment}{smoothing}"
-          f"{normalised}, "
+          f"{normalisation_text(config)}, "
           f"{config.activation}/{config.pool} {config.dtype}, {learner.framework} ({learner.backend}); "
           f"run folder {session.folder}", flush=True)
     if learner.compile_seconds > 0.5:
